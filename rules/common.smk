@@ -1,0 +1,100 @@
+# Config access, wildcard constraints, target lists and path helpers shared by every rule file.
+
+import json
+import os
+import subprocess
+import tempfile
+
+
+RESULTS = config["results"]
+DATASET = config["dataset"]["name"]
+MODELS = [entry["name"] for entry in config["models"]]
+
+
+def fmt_ratio(ratio):
+    """The {ratio} wildcard's spelling of a ratio (0.3 -> '0.3')."""
+    return f"{float(ratio):g}"
+
+
+RATIOS = [fmt_ratio(r) for r in config["ratios"]]
+
+BASE = RESULTS + "/{dataset}/{model}/base"
+RUN = RESULTS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}"
+LOGS = RESULTS + "/logs"
+BENCH = RESULTS + "/benchmarks"
+STATS = RESULTS + "/stats"
+PAPER = RESULTS + "/paper"
+REPORT = RESULTS + "/report.html"
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_]+",
+    model=r"[A-Za-z0-9_.\-]+",
+    method=r"[A-Za-z0-9_]+",
+    ratio=r"[0-9]*\.?[0-9]+",
+    seed=r"[0-9]+",
+
+
+def model_entry(name):
+    """The config.models entry for a {model} wildcard."""
+    for entry in config["models"]:
+        if entry["name"] == name:
+            return entry
+    raise ValueError(f"model {name!r} is not in config.models")
+
+
+def all_metrics():
+    """Every run's metrics.json in the grid."""
+    return expand(
+        RUN + "/metrics.json",
+        dataset=DATASET,
+        model=MODELS,
+        method=config["methods"],
+        ratio=RATIOS,
+        seed=config["seeds"],
+    )
+
+
+def paper_outputs():
+    """The final rule's outputs (tables and figures)."""
+    return [
+        PAPER + "/tables/results.md",
+        PAPER + "/tables/results.tex",
+        PAPER + "/tables/results.html",
+        PAPER + "/tables/comparisons.md",
+        PAPER + "/figures/accuracy_vs_macs.png",
+        PAPER + "/figures/method_comparison.png",
+        PAPER + "/figures/time_per_step.png",
+    ]
+
+
+def render_report(cfg):
+    """Write REPORT with `snakemake --report` after a successful run, when the paper is newer.
+
+    Runs in the onsuccess handler so that the main command leaves a self-contained report behind. The
+    merged config is passed as a file so that --configfile/--config overrides carry over.
+    """
+    if os.environ.get("AGENTPRUNE_IN_REPORT"):
+        return
+    outputs = [Path(p) for p in paper_outputs()]
+    if not all(p.exists() for p in outputs):
+        return
+    report_path = Path(REPORT)
+    newest = max(p.stat().st_mtime for p in outputs)
+    if report_path.exists() and report_path.stat().st_mtime >= newest:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(cfg, fh)
+    cmd = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(workflow.main_snakefile),
+        "--directory", os.getcwd(),
+        "--configfile", fh.name,
+        "--report", str(report_path),
+        "--quiet", "all",
+    ]
+    print(f"agentprune: writing {report_path}", file=sys.stderr)
+    try:
+        subprocess.run(cmd, check=True, env={**os.environ, "AGENTPRUNE_IN_REPORT": "1"})
+    finally:
+        os.unlink(fh.name)

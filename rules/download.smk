@@ -1,0 +1,31 @@
+# download: the data set and the base model (pretrained from the hub, or trained from scratch here).
+
+
+rule download_data:
+    output:
+        RESULTS + "/{dataset}/dataset.json",
+    params:
+        dataset=config["dataset"],
+    log:
+        LOGS + "/{dataset}/download_data.log",
+    script:
+        "../scripts/download_data.py"
+
+
+rule download_model:
+    input:
+        RESULTS + "/{dataset}/dataset.json",
+    output:
+        weights=BASE + "/model.safetensors",
+        structure=BASE + "/model.json",
+        metrics=BASE + "/metrics.json",
+    params:
+        model=lambda wc: model_entry(wc.model),
+        training=config["base_training"],
+    log:
+        LOGS + "/{dataset}/{model}/download_model.log",
+    benchmark:
+        BENCH + "/{dataset}/{model}/download_model.tsv"
+    threads: 1
+    script:
+        "../scripts/download_model.py"

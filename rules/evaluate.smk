@@ -1,0 +1,24 @@
+# evaluate: test-split accuracy before and after fine-tuning, size, sparsity and speed -> metrics.json.
+
+
+rule evaluate:
+    input:
+        plan=RUN + "/plan.json",
+        base_metrics=BASE + "/metrics.json",
+        prune_report=RUN + "/prune_report.json",
+        finetune_report=RUN + "/finetune_report.json",
+        pruned=RUN + "/pruned.safetensors",
+        pruned_structure=RUN + "/pruned.json",
+        finetuned=RUN + "/finetuned.safetensors",
+        finetuned_structure=RUN + "/finetuned.json",
+    output:
+        RUN + "/metrics.json",
+    params:
+        evaluate=config["evaluate"],
+    log:
+        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/evaluate.log",
+    benchmark:
+        BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/evaluate.tsv"
+    threads: 1
+    script:
+        "../scripts/evaluate.py"

@@ -1,0 +1,23 @@
+# finetune: short recovery training of the pruned model, optionally distilled from the base model.
+
+
+rule finetune:
+    input:
+        plan=RUN + "/plan.json",
+        weights=RUN + "/pruned.safetensors",
+        structure=RUN + "/pruned.json",
+        base_weights=BASE + "/model.safetensors",
+        base_structure=BASE + "/model.json",
+    output:
+        weights=RUN + "/finetuned.safetensors",
+        structure=RUN + "/finetuned.json",
+        report=RUN + "/finetune_report.json",
+    params:
+        finetune=config["finetune"],
+    log:
+        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/finetune.log",
+    benchmark:
+        BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/finetune.tsv"
+    threads: 1
+    script:
+        "../scripts/finetune.py"

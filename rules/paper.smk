@@ -1,0 +1,59 @@
+# paper: the final rule. Tables (jinja2) and figures (seaborn), each registered in the HTML report.
+
+
+rule paper:
+    input:
+        runs=STATS + "/runs.csv",
+        summary=STATS + "/summary.csv",
+        comparisons=STATS + "/comparisons.csv",
+    output:
+        md=report(
+            PAPER + "/tables/results.md",
+            caption="../workflow/report/table_results.rst",
+            category="Tables",
+            labels={"table": "results", "format": "markdown"},
+        ),
+        tex=report(
+            PAPER + "/tables/results.tex",
+            caption="../workflow/report/table_results.rst",
+            category="Tables",
+            labels={"table": "results", "format": "latex"},
+        ),
+        html=report(
+            PAPER + "/tables/results.html",
+            caption="../workflow/report/table_results.rst",
+            category="Tables",
+            labels={"table": "results", "format": "html"},
+        ),
+        comparisons=report(
+            PAPER + "/tables/comparisons.md",
+            caption="../workflow/report/table_comparisons.rst",
+            category="Tables",
+            labels={"table": "comparisons", "format": "markdown"},
+        ),
+        accuracy=report(
+            PAPER + "/figures/accuracy_vs_macs.png",
+            caption="../workflow/report/fig_accuracy_vs_macs.rst",
+            category="Figures",
+            labels={"figure": "accuracy vs MACs"},
+        ),
+        comparison=report(
+            PAPER + "/figures/method_comparison.png",
+            caption="../workflow/report/fig_method_comparison.rst",
+            category="Figures",
+            labels={"figure": "method comparison"},
+        ),
+        timing=report(
+            PAPER + "/figures/time_per_step.png",
+            caption="../workflow/report/fig_time_per_step.rst",
+            category="Figures",
+            labels={"figure": "time per step"},
+        ),
+    params:
+        templates=str(Path(workflow.basedir) / "workflow" / "templates"),
+        reference_method=config["paper"]["reference_method"],
+        references=config["paper"]["references"],
+    log:
+        LOGS + "/paper.log",
+    script:
+        "../scripts/paper.py"

@@ -1,0 +1,16 @@
+# stats: one table of runs, per-cell summaries with CIs, and paired comparisons between methods.
+
+
+rule stats:
+    input:
+        metrics=all_metrics(),
+    output:
+        runs=STATS + "/runs.csv",
+        summary=STATS + "/summary.csv",
+        comparisons=STATS + "/comparisons.csv",
+    params:
+        stats=config["stats"],
+    log:
+        LOGS + "/stats.log",
+    script:
+        "../scripts/stats.py"

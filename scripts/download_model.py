@@ -1,0 +1,13 @@
+"""Snakemake script: the base model, from the hub (pretrained) or trained from scratch."""
+
+from pathlib import Path
+
+from agentprune import steps
+
+with steps.logged(snakemake.log[0], snakemake.threads):
+    steps.base_model(
+        snakemake.config,
+        snakemake.wildcards.model,
+        Path(snakemake.output.weights).with_suffix(""),
+        snakemake.output.metrics,
+    )

@@ -1,0 +1,15 @@
+"""Snakemake script: render the paper's tables and figures into results/paper/."""
+
+from pathlib import Path
+
+from agentprune.paper import render_paper
+
+render_paper(
+    snakemake.input.runs,
+    snakemake.input.summary,
+    snakemake.input.comparisons,
+    out_dir=Path(snakemake.output.md).parents[1],
+    templates_dir=snakemake.params.templates,
+    reference_method=snakemake.params.reference_method,
+    references=snakemake.params.references,
+)

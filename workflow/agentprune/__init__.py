@@ -1,0 +1,1 @@
+"""agentprune: a reproducible Snakemake study of neural-network pruning with LLM-agent planning."""

@@ -1,0 +1,241 @@
+"""Loading and checking the study configuration.
+
+The schema (``workflow/schemas/config.schema.yaml``) is the single source of truth for the keys,
+their types, ranges and defaults; Snakemake's ``validate`` uses it inside the workflow, and this
+module uses it outside (CLI, tests). On top of the schema, :func:`check_config` performs the checks
+a schema cannot express: method names against the registry, ``method_settings`` against
+``methods``, unique model names, and relations between keys.
+
+Every problem is reported as a :class:`ConfigError` with a single line that names the offending key
+in dotted form, e.g. ``config error at 'finetune.epochs': -1 is less than the minimum of 0``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line naming the offending key."""
+
+
+@cache
+def _schema() -> dict[str, Any]:
+    """The parsed schema (cached; callers must not mutate it)."""
+    with SCHEMA_PATH.open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _dotted(path: Iterable[Any]) -> str:
+    """A JSON path (keys and list indices) in dotted form: ``models.0.timm``."""
+    return ".".join(str(part) for part in path)
+
+
+def _fail(path: Iterable[Any] | str, message: str) -> ConfigError:
+    """A one-line :class:`ConfigError` for the key at ``path``."""
+    where = path if isinstance(path, str) else _dotted(path)
+    location = f"at {where!r}" if where else "at top level"
+    return ConfigError(" ".join(f"config error {location}: {message}".split()))
+
+
+def _unknown_keys(error: Any) -> str:
+    """The message for an ``additionalProperties`` error: the unknown keys and a guess."""
+    schema = error.schema
+    known = list(schema.get("properties", {}))
+    unknown = [key for key in error.instance if key not in known]
+    if not unknown:  # pragma: no cover - additionalProperties only fails on unknown keys
+        return error.message
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        parts.append(f"{key!r}{hint}")
+    noun = "key" if len(unknown) == 1 else "keys"
+    return f"unknown {noun} {', '.join(parts)}"
+
+
+def _schema_check(config: Mapping[str, Any]) -> None:
+    """Validate against the JSON schema, raising the most relevant error."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    validator = Draft202012Validator(_schema())
+    error = best_match(validator.iter_errors(config))
+    if error is None:
+        return
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        raise _fail(error.absolute_path, _unknown_keys(error))
+    raise _fail(error.absolute_path, error.message)
+
+
+def _semantic_check(config: Mapping[str, Any]) -> None:
+    """The checks a schema cannot express (on a schema-valid config with defaults filled in)."""
+    methods = list(config["methods"])
+    if methods:
+        from agentprune.pruning import methods as registry
+
+        known = registry.names()
+        for i, name in enumerate(methods):
+            if name not in known:
+                raise _fail(
+                    f"methods.{i}",
+                    f"unknown method {name!r} (registered: {', '.join(known)})",
+                )
+    for name in config["method_settings"]:
+        if name not in methods:
+            raise _fail(
+                f"method_settings.{name}",
+                f"method {name!r} is not in methods ({', '.join(methods)})",
+            )
+    seen: dict[str, int] = {}
+    for i, model in enumerate(config["models"]):
+        name = model["name"]
+        if name in seen:
+            raise _fail(
+                f"models.{i}.name", f"duplicate model name {name!r} (also models.{seen[name]})"
+            )
+        seen[name] = i
+    dataset = config["dataset"]
+    total = dataset["val_fraction"] + dataset["test_fraction"]
+    if total >= 1:
+        raise _fail(
+            "dataset.val_fraction",
+            f"val_fraction + test_fraction = {total:g} leaves no training data (must be < 1)",
+        )
+    profile = config["profile"]
+    if profile["bound_floor"] >= profile["bound_ceiling"]:
+        raise _fail(
+            "profile.bound_floor",
+            f"{profile['bound_floor']} must be less than "
+            f"profile.bound_ceiling ({profile['bound_ceiling']})",
+        )
+
+
+def check_config(config: dict) -> None:
+    """Check a configuration against the schema and the method registry.
+
+    Keys that are left out are not an error when the schema has a default for them.
+
+    Args:
+        config: The merged configuration (defaults need not be filled in).
+
+    Raises:
+        ConfigError: With one line naming the offending key in dotted form, e.g.
+            ``config error at 'prune': unknown key 'tolerence' (did you mean 'tolerance'?)``.
+    """
+    if not isinstance(config, Mapping):
+        raise _fail("", f"the config must be a mapping, not {type(config).__name__}")
+    _schema_check(config)
+    _semantic_check(with_defaults(config))
+
+
+def _fill(instance: Any, schema: Mapping[str, Any]) -> None:
+    """Fill schema defaults into ``instance`` in place, recursively."""
+    if isinstance(instance, dict):
+        properties = schema.get("properties", {})
+        for key, sub in properties.items():
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+        extra = schema.get("additionalProperties")
+        for key, value in instance.items():
+            if key in properties:
+                _fill(value, properties[key])
+            elif isinstance(extra, Mapping):
+                _fill(value, extra)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), Mapping):
+        for item in instance:
+            _fill(item, schema["items"])
+
+
+def with_defaults(config: dict) -> dict:
+    """A deep copy of ``config`` with every schema default filled in, recursively.
+
+    Objects get their missing properties from the schema's ``default`` values (an object's own
+    ``default: {}`` is filled in turn), and every item of an array of objects (``models``,
+    ``paper.references``) gets the defaults of the array's ``items`` schema.
+
+    Args:
+        config: A configuration, typically one that passed :func:`check_config`.
+
+    Returns:
+        The filled-in copy; ``config`` itself is not modified.
+    """
+    out = copy.deepcopy(config)
+    _fill(out, _schema())
+    return out
+
+
+def merge(base: dict, override: Mapping[str, Any]) -> dict:
+    """Deep-merge ``override`` into a copy of ``base`` like Snakemake does.
+
+    Dicts merge recursively; everything else (lists included) replaces.
+
+    Args:
+        base: The lower-priority configuration.
+        override: The higher-priority configuration.
+
+    Returns:
+        The merged copy.
+    """
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read(path: Path) -> dict:
+    """One YAML config file, which must be a mapping."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must be a mapping of keys, not {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
+    """Load, merge, check and complete a configuration, as the workflow would see it.
+
+    Args:
+        *paths: YAML files, lowest priority first (e.g. ``config/config.yaml``,
+            ``config/smoke.yaml``); each is deep-merged on top of the previous ones.
+        overrides: Highest-priority values, deep-merged last (like ``--config``).
+
+    Returns:
+        The checked configuration with every schema default filled in.
+
+    Raises:
+        ConfigError: If a file is missing, unreadable or not a mapping, or the merged
+            configuration is invalid (see :func:`check_config`).
+    """
+    config: dict = {}
+    for path in paths:
+        config = merge(config, _read(Path(path)))
+    if overrides:
+        config = merge(config, overrides)
+    check_config(config)
+    return with_defaults(config)

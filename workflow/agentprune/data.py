@@ -1,0 +1,265 @@
+"""Data sets, deterministic splits, calibration subsets and loaders.
+
+Every data set is exposed as three splits (train / val / test). The split itself is a property of
+the data
+set (seeded by ``dataset.split_seed``) so that every run of a study is evaluated on the same test
+images;
+run-level randomness (shuffling, calibration subsets) is seeded from the run's seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+# Channel statistics used to normalise inputs (ImageNet values, as timm uses for its pretrained
+# models).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A data set is missing, malformed or misconfigured."""
+
+
+@dataclass
+class Splits:
+    """The three splits of a data set plus what models need to know about it."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    img_size: int
+
+    def sizes(self) -> dict[str, int]:
+        """Number of examples per split."""
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def num_classes(cfg: dict[str, Any]) -> int:
+    """Number of classes of the configured data set."""
+    if cfg["name"] == "synthetic":
+        return int(cfg.get("synthetic_classes", 10))
+    return NUM_CLASSES[cfg["name"]]
+
+
+def _stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    rest, test = train_test_split(
+        idx, test_size=test_fraction, stratify=labels, random_state=seed, shuffle=True
+    )
+    val_of_rest = val_fraction / (1.0 - test_fraction)
+    train, val = train_test_split(
+        rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed, shuffle=True
+    )
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def _digits(cfg: dict[str, Any]) -> Splits:
+    """sklearn's bundled 8x8 digits, upsampled bilinearly to ``img_size`` and replicated to RGB."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    size = int(cfg["img_size"])
+    images = torch.nn.functional.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False
+    )
+    images = images.repeat(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    images = (images - mean) / std
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    train, val, test = _stratified_split(
+        labels, cfg["val_fraction"], cfg["test_fraction"], int(cfg["split_seed"])
+    )
+    full = TensorDataset(images, torch.as_tensor(labels))
+    return Splits(Subset(full, train), Subset(full, val), Subset(full, test), 10, size)
+
+
+def _synthetic(cfg: dict[str, Any]) -> Splits:
+    """Seeded random tensors: for structural runs (MACs targets) without any data."""
+    size = int(cfg["img_size"])
+    classes = num_classes(cfg)
+    n = int(cfg.get("synthetic_samples", 256))
+    gen = torch.Generator().manual_seed(int(cfg["split_seed"]))
+    x = torch.randn(n, 3, size, size, generator=gen)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    full = TensorDataset(x, y)
+    n_test = max(1, int(n * cfg["test_fraction"]))
+    n_val = max(1, int(n * cfg["val_fraction"]))
+    idx = np.arange(n)
+    return Splits(
+        Subset(full, idx[n_test + n_val :]),
+        Subset(full, idx[n_test : n_test + n_val]),
+        Subset(full, idx[:n_test]),
+        classes,
+        size,
+    )
+
+
+def _torchvision_transforms(size: int, train: bool):
+    import torchvision.transforms as T
+
+    ops = (
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        if train
+        else [
+            T.Resize(int(size / 0.875)),
+            T.CenterCrop(size),
+        ]
+    )
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _cifar(cfg: dict[str, Any], download: bool) -> Splits:
+    import torchvision
+
+    cls = (
+        torchvision.datasets.CIFAR10 if cfg["name"] == "cifar10" else torchvision.datasets.CIFAR100
+    )
+    root = Path(cfg.get("root") or "data")
+    size = int(cfg["img_size"])
+    try:
+        train_full = cls(
+            root, train=True, download=download, transform=_torchvision_transforms(size, True)
+        )
+        eval_full = cls(
+            root, train=True, download=False, transform=_torchvision_transforms(size, False)
+        )
+        test = cls(
+            root, train=False, download=download, transform=_torchvision_transforms(size, False)
+        )
+    except RuntimeError as err:
+        raise DataError(f"dataset.root={root}: {cfg['name']} not found or corrupt ({err})") from err
+    labels = np.asarray(train_full.targets)
+    rng = np.random.default_rng(int(cfg["split_seed"]))
+    perm = rng.permutation(len(labels))
+    n_val = int(len(labels) * cfg["val_fraction"])
+    return Splits(
+        Subset(train_full, np.sort(perm[n_val:])),
+        Subset(eval_full, np.sort(perm[:n_val])),
+        test,
+        NUM_CLASSES[cfg["name"]],
+        size,
+    )
+
+
+def _imagenet(cfg: dict[str, Any]) -> Splits:
+    import torchvision
+
+    root = Path(cfg.get("root") or "")
+    for sub in ("train", "val"):
+        if not (root / sub).is_dir():
+            raise DataError(
+                f"dataset.root={str(root)!r}: expected an ImageFolder with {sub}/ inside "
+                "(set dataset.root or $AGENTPRUNE_IMAGENET)"
+            )
+    size = int(cfg["img_size"])
+    train_full = torchvision.datasets.ImageFolder(
+        root / "train", _torchvision_transforms(size, True)
+    )
+    eval_full = torchvision.datasets.ImageFolder(
+        root / "train", _torchvision_transforms(size, False)
+    )
+    test = torchvision.datasets.ImageFolder(root / "val", _torchvision_transforms(size, False))
+    rng = np.random.default_rng(int(cfg["split_seed"]))
+    perm = rng.permutation(len(train_full))
+    n_val = min(int(len(perm) * cfg["val_fraction"]), int(cfg.get("max_val_images", 10000)))
+    return Splits(
+        Subset(train_full, np.sort(perm[n_val:])),
+        Subset(eval_full, np.sort(perm[:n_val])),
+        test,
+        len(test.classes),
+        size,
+    )
+
+
+def load_splits(cfg: dict[str, Any], download: bool = False) -> Splits:
+    """Build the configured data set's train/val/test splits.
+
+    Args:
+        cfg: the ``dataset`` section of the config.
+        download: whether data sets that can be downloaded (CIFAR) may be fetched.
+
+    Returns:
+        The splits.
+
+    Raises:
+        DataError: if the data set is unknown, missing or malformed.
+    """
+    name = cfg["name"]
+    if name == "digits":
+        return _digits(cfg)
+    if name == "synthetic":
+        return _synthetic(cfg)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(cfg, download)
+    if name == "imagenet":
+        return _imagenet(cfg)
+    raise DataError(f"dataset.name={name!r} is not one of {', '.join(DATASETS)}")
+
+
+def describe(cfg: dict[str, Any], splits: Splits) -> dict[str, Any]:
+    """A JSON-able description of a data set, written by the download rule."""
+    out: dict[str, Any] = {
+        "name": cfg["name"],
+        "img_size": splits.img_size,
+        "num_classes": splits.num_classes,
+        "splits": splits.sizes(),
+        "split_seed": int(cfg["split_seed"]),
+    }
+    test = splits.test
+    if isinstance(test, Subset):
+        digest = np.asarray(test.indices, dtype=np.int64)
+        out["test_indices_sha1"] = __import__("hashlib").sha1(digest.tobytes()).hexdigest()
+    return out
+
+
+def loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0
+) -> DataLoader:
+    """A DataLoader whose shuffling order is a pure function of ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=gen,
+        num_workers=workers,
+        drop_last=False,
+    )
+
+
+def calibration_batches(
+    dataset: Dataset, n_batches: int, batch_size: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A seeded random subset of ``dataset`` as a list of ``n_batches`` batches (drawn without
+    replacement
+    while the data set lasts)."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(dataset), generator=gen).tolist()
+    need = n_batches * batch_size
+    idx = (perm * (need // max(1, len(perm)) + 1))[:need]
+    batches = []
+    for b in range(n_batches):
+        xs, ys = zip(*(dataset[i] for i in idx[b * batch_size : (b + 1) * batch_size]))
+        batches.append((torch.stack(xs), torch.as_tensor(ys)))
+    return batches
+
+
+def example_inputs(img_size: int, batch: int = 1) -> torch.Tensor:
+    """A deterministic dummy input for graph tracing and MACs counting."""
+    return torch.zeros(batch, 3, img_size, img_size)

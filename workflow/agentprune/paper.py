@@ -1,0 +1,807 @@
+"""Paper-style tables and figures from the study's statistics.
+
+Inputs are the three tables of :mod:`agentprune.stats` (``runs.csv``, ``summary.csv``,
+``comparisons.csv``). The results table follows the layout of Isomorphic Pruning (Fang et al.,
+ECCV 2024), Tables 1-2: per model a *Base* row, then for every pruning ratio one row per method
+with MACs, parameters, top-1 accuracy (mean ± half-width of the 95 % Student-t interval over
+seeds), the change relative to the base model and to a reference method, the number of seeds and
+the accuracy before fine-tuning. Optional published reference rows can be appended per model.
+
+Tables are rendered from Jinja2 templates (Markdown, LaTeX/booktabs, HTML fragment); figures are
+seaborn PNGs. Everything tolerates a single seed (no intervals) and missing optional columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from scipy import stats as sps
+
+matplotlib.use("Agg")
+
+DPI = 150
+CONFIDENCE = 0.95
+"""Confidence level of the figures' error bars/bands (Student-t over seeds, as in the tables)."""
+BASE_METHOD = "base"
+STEPS = ("plan", "prune", "finetune", "evaluate")
+"""Pipeline steps with a ``seconds_{step}`` column in ``runs.csv``."""
+
+TABLE_FORMATS = ("md", "tex", "html")
+"""Formats of the results table; each has a template ``table.{fmt}.j2``."""
+
+ROW_KEYS = (
+    "kind",
+    "reference",
+    "dataset",
+    "model",
+    "method",
+    "label",
+    "family",
+    "ratio",
+    "macs",
+    "params",
+    "top1",
+    "delta_base",
+    "delta_ref",
+    "n",
+    "top1_pruned",
+    "source",
+    "top1_mean",
+    "delta_base_value",
+    "delta_ref_value",
+    "new_model",
+    "new_ratio",
+)
+"""Keys of every row returned by :func:`table_rows` (formatted strings plus raw values/flags)."""
+
+_TEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "†": r"$^\dagger$",
+    "−": r"$-$",
+}
+_TEX_TABLE = str.maketrans(_TEX_ESCAPES)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def tex_escape(value: Any) -> str:
+    """Escape a value for LaTeX text mode.
+
+    Args:
+        value: Anything; converted with ``str``.
+
+    Returns:
+        The text with LaTeX specials escaped and ``±``/``Δ``/``†`` as math symbols.
+    """
+    return str(value).translate(_TEX_TABLE)
+
+
+def md_escape(value: Any) -> str:
+    """Escape a value for a GitHub pipe-table cell (``|`` and line breaks)."""
+    return str(value).replace("|", r"\|").replace("\n", " ")
+
+
+def _missing(value: Any) -> bool:
+    """Whether a scalar is None/NaN/NA."""
+    return value is None or bool(pd.isna(value))
+
+
+def fmt_number(value: Any, decimals: int = 3) -> str:
+    """Format a number with ``decimals`` decimals, or 3 significant digits when it is tiny.
+
+    Args:
+        value: The number (NaN/None gives an empty string).
+        decimals: Decimals for ordinary values.
+
+    Returns:
+        E.g. ``"4.089"``, ``"0.00123"`` or ``""``.
+    """
+    if _missing(value):
+        return ""
+    number = float(value)
+    if number != 0 and abs(number) < 10.0 ** (1 - decimals):
+        return f"{number:.3g}"
+    return f"{number:.{decimals}f}"
+
+
+def fmt_mean_ci(mean: Any, half: Any, decimals: int = 2) -> str:
+    """Format ``mean ± half``, or just the mean when the half-width is undefined."""
+    if _missing(mean):
+        return ""
+    if _missing(half):
+        return f"{float(mean):.{decimals}f}"
+    return f"{float(mean):.{decimals}f} ± {float(half):.{decimals}f}"
+
+
+def fmt_delta(value: Any, decimals: int = 2) -> str:
+    """Format a signed difference (``+0.12``/``-0.34``), empty when undefined."""
+    return "" if _missing(value) else f"{float(value):+.{decimals}f}"
+
+
+def fmt_pvalue(value: Any) -> str:
+    """Format a p-value to 3 decimals (``<0.001`` below that, ``–`` when undefined)."""
+    if _missing(value):
+        return "–"
+    return "<0.001" if float(value) < 0.001 else f"{float(value):.3f}"
+
+
+def fmt_ratio(value: Any) -> str:
+    """Format a pruning ratio compactly (``0.5``), empty when undefined."""
+    return "" if _missing(value) else f"{float(value):g}"
+
+
+def macs_unit(base_macs: Iterable[Any]) -> tuple[str, float]:
+    """Pick one MACs unit for a table or figure from the base models' MACs.
+
+    Giga-MACs when the smallest base model has at least 0.01 G, otherwise mega-MACs.
+
+    Args:
+        base_macs: MACs counts of the base models (NaN and non-positive values ignored).
+
+    Returns:
+        ``("G", 1e9)`` or ``("M", 1e6)``.
+    """
+    values = [float(v) for v in base_macs if not _missing(v) and float(v) > 0]
+    if not values or min(values) >= 1e7:
+        return "G", 1e9
+    return "M", 1e6
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A column as floats, or an all-NaN series when the column is missing."""
+    if name in frame.columns:
+        return pd.to_numeric(frame[name], errors="coerce")
+    return pd.Series(float("nan"), index=frame.index, dtype=float)
+
+
+def _first_valid(frame: pd.DataFrame, *names: str) -> pd.Series:
+    """The first of ``names`` that is present with any non-NaN value (else all NaN)."""
+    for name in names:
+        series = _column(frame, name)
+        if series.notna().any():
+            return series
+    return _column(frame, names[-1])
+
+
+def _mean(frame: pd.DataFrame, name: str) -> float:
+    """Mean of a (possibly missing) column, NaN when empty."""
+    return float(_column(frame, name).mean())
+
+
+def _summary_macs_unit(summary: pd.DataFrame) -> tuple[str, float]:
+    """MACs unit of a summary table, from ``macs_base_mean`` (falling back to ``macs_mean``)."""
+    return macs_unit(_first_valid(summary, "macs_base_mean", "macs_mean"))
+
+
+# --------------------------------------------------------------------------- table rows
+
+
+def _blank_row(**values: Any) -> dict[str, Any]:
+    """A row with every key of :data:`ROW_KEYS` (strings empty, flags false) updated."""
+    row: dict[str, Any] = dict.fromkeys(ROW_KEYS, "")
+    row.update(reference=False, new_model=False, new_ratio=False)
+    row.update(top1_mean=float("nan"), delta_base_value=float("nan"))
+    row.update(delta_ref_value=float("nan"))
+    row.update(values)
+    return row
+
+
+def _prepare_summary(summary: pd.DataFrame, reference_method: str) -> pd.DataFrame:
+    """Summary with a ``delta_ref`` column (top-1 difference to the reference method)."""
+    frame = summary.copy()
+    if "dataset" not in frame.columns:
+        frame["dataset"] = ""
+    frame["top1_mean"] = _column(frame, "top1_mean")
+    keys = ["dataset", "model", "ratio"]
+    ref = frame.loc[frame["method"] == reference_method, keys + ["top1_mean"]]
+    ref = ref.drop_duplicates(keys).rename(columns={"top1_mean": "_top1_ref"})
+    frame = frame.merge(ref, on=keys, how="left")
+    frame["delta_ref"] = frame["top1_mean"] - frame["_top1_ref"]
+    frame.loc[frame["method"] == reference_method, "delta_ref"] = float("nan")
+    return frame.drop(columns="_top1_ref")
+
+
+def _base_row(dataset: str, model: str, block: pd.DataFrame, scale: float) -> dict[str, Any]:
+    """The *Base* row of one model, from the ``*_base`` columns."""
+    top1 = _mean(block, "top1_base_mean")
+    return _blank_row(
+        kind="base",
+        dataset=dataset,
+        model=model,
+        method=BASE_METHOD,
+        label="Base",
+        macs=fmt_number(_mean(block, "macs_base_mean") / scale),
+        params=fmt_number(_mean(block, "params_base_mean") / 1e6),
+        top1=fmt_mean_ci(top1, None),
+        top1_mean=top1,
+        new_model=True,
+        new_ratio=True,
+    )
+
+
+def _method_row(record: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """One (ratio, method) row from a summary record."""
+    top1 = record.get("top1_mean", float("nan"))
+    delta_base = float(top1) - float(record.get("top1_base_mean", float("nan")))
+    n = record.get("n")
+    return _blank_row(
+        kind="method",
+        dataset=record["dataset"],
+        model=record["model"],
+        method=record["method"],
+        label=record["method"],
+        family="" if _missing(record.get("family")) else str(record["family"]),
+        ratio=fmt_ratio(record["ratio"]),
+        macs=fmt_number(float(record.get("macs_mean", float("nan"))) / scale),
+        params=fmt_number(float(record.get("params_mean", float("nan"))) / 1e6),
+        top1=fmt_mean_ci(top1, record.get("top1_ci_half")),
+        delta_base=fmt_delta(delta_base),
+        delta_ref=fmt_delta(record["delta_ref"]),
+        n="" if _missing(n) else str(int(n)),
+        top1_pruned=fmt_mean_ci(record.get("top1_pruned_mean"), record.get("top1_pruned_ci_half")),
+        top1_mean=float(top1),
+        delta_base_value=delta_base,
+        delta_ref_value=float(record["delta_ref"]),
+    )
+
+
+def _method_rows(block: pd.DataFrame, scale: float) -> list[dict[str, Any]]:
+    """Rows of one model: ratios ascending, methods in order of appearance."""
+    rows: list[dict[str, Any]] = []
+    previous: Any = None
+    for record in block.sort_values("ratio", kind="stable").to_dict("records"):
+        row = _method_row(record, scale)
+        row["new_ratio"] = record["ratio"] != previous
+        previous = record["ratio"]
+        rows.append(row)
+    return rows
+
+
+def _reference_row(ref: Mapping[str, Any], dataset: str, scale: float) -> dict[str, Any]:
+    """A published reference row (``macs_g`` in G, ``params_m`` in M, ``top1`` in %)."""
+    macs_g = ref.get("macs_g")
+    params_m = ref.get("params_m")
+    return _blank_row(
+        kind="reference",
+        reference=True,
+        dataset=dataset,
+        model=str(ref.get("model", "")),
+        method=str(ref.get("label", "")),
+        label=str(ref.get("label", "")),
+        macs="" if _missing(macs_g) else fmt_number(float(macs_g) * 1e9 / scale),
+        params="" if _missing(params_m) else fmt_number(float(params_m)),
+        top1=fmt_mean_ci(ref.get("top1"), None),
+        source=str(ref.get("source", "") or ""),
+        top1_mean=float("nan") if _missing(ref.get("top1")) else float(ref["top1"]),
+    )
+
+
+def _reference_rows(
+    refs: Sequence[Mapping[str, Any]], dataset: str, scale: float
+) -> list[dict[str, Any]]:
+    """Reference rows for one model block (the first flagged as a new group)."""
+    rows = [_reference_row(ref, dataset, scale) for ref in refs]
+    if rows:
+        rows[0]["new_ratio"] = True
+    return rows
+
+
+def _matches(ref: Mapping[str, Any], dataset: str, model: str) -> bool:
+    """Whether a reference belongs to a (dataset, model) block (dataset optional)."""
+    return ref.get("model") == model and ref.get("dataset", dataset) == dataset
+
+
+def table_rows(
+    summary: pd.DataFrame,
+    reference_method: str = "isomorphic",
+    references: list[dict] | None = None,
+) -> list[dict]:
+    """Rows of the results table, styled after Isomorphic Pruning Tables 1-2.
+
+    Per (dataset, model), in order of appearance: a *Base* row (method ``"base"``; MACs, params
+    and top-1 from the ``*_base_mean`` columns), then per ratio (ascending) one row per method,
+    then the published references of that model. References whose model is not in ``summary``
+    come last. MACs use one unit for the whole table (see :func:`macs_unit`), params are in M.
+
+    Args:
+        summary: ``summary.csv`` of :mod:`agentprune.stats`.
+        reference_method: Method that ``delta_ref`` compares against (same model and ratio).
+        references: Published rows: dicts with ``model``, ``label``, ``macs_g``, ``params_m``,
+            ``top1``, ``source`` (optionally ``dataset``).
+
+    Returns:
+        Dicts with the keys :data:`ROW_KEYS`: formatted strings (``macs``, ``params``,
+        ``top1`` as ``"mean ± ci_half"``, ``delta_base``, ``delta_ref``, ``n``,
+        ``top1_pruned``), raw values (``top1_mean``, ``delta_base_value``, ``delta_ref_value``),
+        ``kind`` (``base``/``method``/``reference``), ``reference`` and the group flags
+        ``new_model``/``new_ratio``.
+    """
+    refs = list(references or [])
+    if summary.empty:
+        blocks: list[tuple[tuple[str, str], pd.DataFrame]] = []
+        scale = 1e9
+    else:
+        frame = _prepare_summary(summary, reference_method)
+        blocks = list(frame.groupby(["dataset", "model"], sort=False))
+        scale = _summary_macs_unit(frame)[1]
+    rows: list[dict[str, Any]] = []
+    used: set[int] = set()
+    for (dataset, model), block in blocks:
+        mine = [i for i, ref in enumerate(refs) if i not in used and _matches(ref, dataset, model)]
+        used.update(mine)
+        rows.append(_base_row(dataset, model, block, scale))
+        rows.extend(_method_rows(block, scale))
+        rows.extend(_reference_rows([refs[i] for i in mine], dataset, scale))
+    rest = [ref for i, ref in enumerate(refs) if i not in used]
+    for model in dict.fromkeys(str(ref.get("model", "")) for ref in rest):
+        block_refs = [ref for ref in rest if str(ref.get("model", "")) == model]
+        block_rows = _reference_rows(block_refs, str(block_refs[0].get("dataset", "")), scale)
+        block_rows[0]["new_model"] = True
+        rows.extend(block_rows)
+    return rows
+
+
+def comparison_rows(comparisons: pd.DataFrame) -> list[dict[str, str]]:
+    """Formatted rows of ``comparisons.csv`` (3 decimals; p-values via :func:`fmt_pvalue`).
+
+    Args:
+        comparisons: ``comparisons.csv`` of :mod:`agentprune.stats`.
+
+    Returns:
+        Dicts with ``dataset``, ``model``, ``ratio``, ``metric``, ``method_a``, ``method_b``,
+        ``n``, ``mean_diff``, ``t_p_holm``, ``wilcoxon_p_holm``, ``cohens_d``, ``significant``.
+    """
+    rows: list[dict[str, str]] = []
+    for record in comparisons.to_dict("records"):
+        n = record.get("n")
+        significant = record.get("significant")
+        rows.append(
+            {
+                "dataset": str(record.get("dataset", "")),
+                "model": str(record.get("model", "")),
+                "ratio": fmt_ratio(record.get("ratio")),
+                "metric": str(record.get("metric", "")),
+                "method_a": str(record.get("method_a", "")),
+                "method_b": str(record.get("method_b", "")),
+                "n": "" if _missing(n) else str(int(n)),
+                "mean_diff": fmt_number(record.get("mean_diff")) or "–",
+                "t_p_holm": fmt_pvalue(record.get("t_p_holm")),
+                "wilcoxon_p_holm": fmt_pvalue(record.get("wilcoxon_p_holm")),
+                "cohens_d": fmt_number(record.get("cohens_d")) or "–",
+                "significant": "yes" if _is_true(significant) else "",
+            }
+        )
+    return rows
+
+
+def _is_true(value: Any) -> bool:
+    """Whether a CSV boolean cell (bool or ``"True"``) is true."""
+    if _missing(value):
+        return False
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def make_environment(templates_dir: str | Path) -> Environment:
+    """Jinja2 environment for the paper templates, with ``tex`` and ``md`` filters.
+
+    Autoescaping is on for ``*.html`` and ``*.html.j2`` templates; undefined variables raise.
+
+    Args:
+        templates_dir: Directory holding the ``*.j2`` templates.
+
+    Returns:
+        The configured environment.
+    """
+    env = Environment(
+        loader=FileSystemLoader(str(templates_dir)),
+        autoescape=select_autoescape(["html", "html.j2"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["tex"] = tex_escape
+    env.filters["md"] = md_escape
+    return env
+
+
+def _datasets(summary: pd.DataFrame) -> list[str]:
+    """Distinct data sets of a table, in order of appearance."""
+    if "dataset" not in summary.columns:
+        return []
+    return [str(d) for d in dict.fromkeys(summary["dataset"].dropna())]
+
+
+def _table_caption(datasets: Sequence[str], unit: str, reference_method: str) -> str:
+    """Plain-text caption of the results table (templates escape it)."""
+    where = f" on {', '.join(datasets)}" if datasets else ""
+    return (
+        f"Top-1 accuracy (%){where} after pruning and fine-tuning: mean ± half-width of the "
+        f"95% Student-t confidence interval over seeds (mean only with a single seed). "
+        f"MACs in {unit}, parameters in M. Ratio: fraction of base MACs removed (structured) "
+        f"or weight sparsity (unstructured). Δ base: top-1 change vs the unpruned model; "
+        f"Δ {reference_method}: top-1 difference to {reference_method} at the same model and "
+        f"ratio. Top-1 pruned: before fine-tuning. † published reference."
+    )
+
+
+def _table_context(
+    summary: pd.DataFrame, rows: list[dict[str, Any]], reference_method: str
+) -> dict[str, Any]:
+    """Variables of the ``table.*.j2`` templates."""
+    datasets = _datasets(summary)
+    unit = _summary_macs_unit(summary)[0] if not summary.empty else "G"
+    return {
+        "rows": rows,
+        "reference_rows": [row for row in rows if row["reference"]],
+        "unit": unit,
+        "reference_method": reference_method,
+        "datasets": datasets,
+        "show_dataset": len(datasets) > 1,
+        "title": "Pruning results.",
+        "caption": _table_caption(datasets, unit, reference_method),
+    }
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write UTF-8 text ending in exactly one newline."""
+    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+    return path
+
+
+def render_tables(
+    summary: pd.DataFrame,
+    out_dir: str | Path,
+    templates_dir: str | Path,
+    reference_method: str = "isomorphic",
+    references: list[dict] | None = None,
+) -> list[Path]:
+    """Render ``results.md``, ``results.tex`` and ``results.html`` into ``out_dir``.
+
+    Args:
+        summary: ``summary.csv`` of :mod:`agentprune.stats`.
+        out_dir: Output directory (created if needed).
+        templates_dir: Directory with ``table.md.j2``, ``table.tex.j2``, ``table.html.j2``.
+        reference_method: Method that the ``Δ`` column compares against.
+        references: Published reference rows (see :func:`table_rows`).
+
+    Returns:
+        The written files, in the order md, tex, html.
+
+    Raises:
+        jinja2.UndefinedError: A template uses an undefined variable.
+    """
+    rows = table_rows(summary, reference_method, references)
+    context = _table_context(summary, rows, reference_method)
+    env = make_environment(templates_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for fmt in TABLE_FORMATS:
+        path = out / f"results.{fmt}"
+        _write(path, env.get_template(f"table.{fmt}.j2").render(**context))
+        paths.append(path)
+    return paths
+
+
+def render_comparisons(
+    comparisons: pd.DataFrame, out_dir: str | Path, templates_dir: str | Path
+) -> Path:
+    """Render ``comparisons.md`` (template ``comparisons.md.j2``) into ``out_dir``.
+
+    Args:
+        comparisons: ``comparisons.csv`` of :mod:`agentprune.stats` (may be empty).
+        out_dir: Output directory (created if needed).
+        templates_dir: Directory with ``comparisons.md.j2``.
+
+    Returns:
+        The written file.
+    """
+    rows = comparison_rows(comparisons)
+    datasets = _datasets(comparisons)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "comparisons.md"
+    template = make_environment(templates_dir).get_template("comparisons.md.j2")
+    return _write(path, template.render(rows=rows, show_dataset=len(datasets) > 1))
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _theme() -> None:
+    """Seaborn theme shared by all figures."""
+    sns.set_theme(style="whitegrid")
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Save a figure as PNG at :data:`DPI` and close it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out, dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return out
+
+
+def _placeholder(path: str | Path, message: str) -> Path:
+    """A figure that only says why there is nothing to plot."""
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12)
+    ax.set_axis_off()
+    return _save(fig, path)
+
+
+def t_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Two-sided Student-t interval of the mean at :data:`CONFIDENCE` (seaborn ``errorbar``).
+
+    The same interval as ``summary.csv`` (``mean ± t · std / sqrt(n)``), so figures and tables
+    agree; seaborn's ``("ci", 95)`` would bootstrap instead, which is unreliable for few seeds.
+
+    Args:
+        values: The observations (e.g. one value per seed).
+
+    Returns:
+        ``(low, high)``; NaN with fewer than two values (no error bar is drawn).
+    """
+    data = np.asarray(values, dtype=float)
+    data = data[~np.isnan(data)]
+    if len(data) < 2:
+        return float("nan"), float("nan")
+    mean = float(data.mean())
+    quantile = float(sps.t.ppf((1 + CONFIDENCE) / 2, len(data) - 1))
+    half = quantile * float(data.std(ddof=1)) / np.sqrt(len(data))
+    return mean - half, mean + half
+
+
+def _plot_frame(runs: pd.DataFrame, required: Sequence[str]) -> pd.DataFrame:
+    """Runs with a ``panel`` label (model, or dataset / model) and no NaN in ``required``."""
+    if any(col not in runs.columns for col in required):
+        return pd.DataFrame(columns=[*required, "panel"])
+    frame = runs.dropna(subset=list(required)).copy()
+    models = frame["model"].astype(str)
+    if "dataset" in frame.columns and frame["dataset"].nunique() > 1:
+        models = frame["dataset"].astype(str) + " / " + models
+    frame["panel"] = models
+    return frame
+
+
+def _methods(frame: pd.DataFrame) -> list[str]:
+    """Sorted method names (a fixed hue order shared by all figures)."""
+    return sorted(str(m) for m in frame["method"].unique())
+
+
+def _base_top1(frame: pd.DataFrame) -> dict[str, float]:
+    """Base top-1 per panel (empty when ``top1_base`` is missing)."""
+    base = _column(frame, "top1_base").groupby(frame["panel"]).mean().dropna()
+    return {str(k): float(v) for k, v in base.items()}
+
+
+def _base_line(ax: plt.Axes, value: float | None, x: float | None = None) -> None:
+    """Dashed horizontal line at the base model's top-1 (plus a star at ``x`` if given)."""
+    if value is None:
+        return
+    ax.axhline(value, linestyle="--", color="0.3", linewidth=1.2, zorder=0)
+    if x is not None:
+        ax.plot([x], [value], marker="*", markersize=11, color="0.2", linestyle="none")
+
+
+def plot_accuracy_vs_macs(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Top-1 vs MACs, one panel per model, one line per method (95 % Student-t band over seeds).
+
+    Seeds of a (model, method, ratio) share the mean MACs as x so that the band is a CI over
+    seeds; the dashed line and the star mark the base model (top-1 at its MACs).
+
+    Args:
+        runs: ``runs.csv`` of :mod:`agentprune.stats`.
+        path: Output PNG.
+
+    Returns:
+        ``path``.
+    """
+    _theme()
+    data = _plot_frame(runs, ["model", "method", "ratio", "macs", "top1"])
+    if data.empty:
+        return _placeholder(path, "no runs with MACs and top-1 yet")
+    unit, scale = macs_unit(_first_valid(data, "macs_base", "macs"))
+    x = f"MACs ({unit})"
+    data[x] = data.groupby(["panel", "method", "ratio"])["macs"].transform("mean") / scale
+    panels = list(dict.fromkeys(data["panel"]))
+    grid = sns.relplot(
+        data=data,
+        kind="line",
+        x=x,
+        y="top1",
+        hue="method",
+        hue_order=_methods(data),
+        col="panel",
+        col_order=panels,
+        col_wrap=min(len(panels), 3),
+        errorbar=t_interval,
+        marker="o",
+        height=3.5,
+        aspect=1.2,
+        facet_kws={"sharex": False, "sharey": False},
+    )
+    base = _base_top1(data)
+    base_x = (_column(data, "macs_base") / scale).groupby(data["panel"]).mean().dropna()
+    for panel, ax in grid.axes_dict.items():
+        _base_line(ax, base.get(str(panel)), base_x.get(panel))
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels(x, "Top-1 (%)")
+    return _save(grid.figure, path)
+
+
+def plot_method_comparison(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Top-1 per method, one panel per (model, ratio), 95 % Student-t CI over seeds; dashed: base.
+
+    Args:
+        runs: ``runs.csv`` of :mod:`agentprune.stats`.
+        path: Output PNG.
+
+    Returns:
+        ``path``.
+    """
+    _theme()
+    data = _plot_frame(runs, ["model", "method", "ratio", "top1"])
+    if data.empty:
+        return _placeholder(path, "no runs with top-1 yet")
+    methods = _methods(data)
+    grid = sns.catplot(
+        data=data,
+        kind="point",
+        x="method",
+        y="top1",
+        hue="method",
+        order=methods,
+        hue_order=methods,
+        col="ratio",
+        row="panel",
+        errorbar=t_interval,
+        capsize=0.2,
+        legend=False,
+        sharey="row",
+        height=3,
+        aspect=max(1.0, 0.35 * len(methods)),
+    )
+    base = _base_top1(data)
+    for (panel, _ratio), ax in grid.axes_dict.items():
+        _base_line(ax, base.get(str(panel)))
+        ax.tick_params(axis="x", labelrotation=30)
+    grid.set_titles("{row_name} · ratio {col_name}")
+    grid.set_axis_labels("", "Top-1 (%)")
+    return _save(grid.figure, path)
+
+
+def _timing_long(runs: pd.DataFrame) -> pd.DataFrame:
+    """Long form (panel, method, step, seconds) of the ``seconds_*`` columns present."""
+    columns = [f"seconds_{step}" for step in STEPS if f"seconds_{step}" in runs.columns]
+    data = _plot_frame(runs, ["model", "method"])
+    if not columns or data.empty:
+        return pd.DataFrame(columns=["panel", "method", "step", "seconds"])
+    data[columns] = data[columns].apply(pd.to_numeric, errors="coerce")
+    long = data.melt(
+        id_vars=["panel", "method"], value_vars=columns, var_name="step", value_name="seconds"
+    )
+    long["step"] = long["step"].str.removeprefix("seconds_")
+    return long.dropna(subset=["seconds"])
+
+
+def plot_time_per_step(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Mean wall seconds per pipeline step and method (grouped horizontal bars, 95 % t-CI).
+
+    Averages over ratios and seeds; one panel per model; steps whose ``seconds_*`` column is
+    missing are left out.
+
+    Args:
+        runs: ``runs.csv`` of :mod:`agentprune.stats`.
+        path: Output PNG.
+
+    Returns:
+        ``path``.
+    """
+    _theme()
+    long = _timing_long(runs)
+    if long.empty:
+        return _placeholder(path, "no timing columns (seconds_*) in runs.csv")
+    methods = _methods(long)
+    panels = list(dict.fromkeys(long["panel"]))
+    grid = sns.catplot(
+        data=long,
+        kind="bar",
+        x="seconds",
+        y="method",
+        hue="step",
+        order=methods,
+        hue_order=[s for s in STEPS if s in set(long["step"])],
+        col="panel",
+        col_order=panels,
+        col_wrap=min(len(panels), 3),
+        orient="h",
+        errorbar=t_interval,
+        sharex=False,
+        height=0.5 * len(methods) + 2,
+        aspect=1.3,
+    )
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("wall seconds (mean over ratios and seeds)", "")
+    return _save(grid.figure, path)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _read_csv(path: str | Path) -> pd.DataFrame:
+    """Read a CSV; an empty file gives an empty frame."""
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def render_paper(
+    runs_csv: str | Path,
+    summary_csv: str | Path,
+    comparisons_csv: str | Path,
+    out_dir: str | Path,
+    templates_dir: str | Path,
+    reference_method: str = "isomorphic",
+    references: list[dict] | None = None,
+) -> dict[str, Path]:
+    """Write the paper's tables and figures.
+
+    Layout under ``out_dir``: ``tables/results.{md,tex,html}``, ``tables/comparisons.md``,
+    ``figures/accuracy_vs_macs.png``, ``figures/method_comparison.png``,
+    ``figures/time_per_step.png``.
+
+    Args:
+        runs_csv: ``runs.csv`` of :mod:`agentprune.stats`.
+        summary_csv: ``summary.csv``.
+        comparisons_csv: ``comparisons.csv``.
+        out_dir: Output directory (``results/paper``).
+        templates_dir: Directory with the ``*.j2`` templates.
+        reference_method: Method that the table's ``Δ`` column compares against.
+        references: Published reference rows (see :func:`table_rows`).
+
+    Returns:
+        Paths keyed ``results_md``, ``results_tex``, ``results_html``, ``comparisons_md``,
+        ``accuracy_vs_macs``, ``method_comparison``, ``time_per_step``.
+    """
+    out = Path(out_dir)
+    tables, figures = out / "tables", out / "figures"
+    runs = _read_csv(runs_csv)
+    md, tex, html = render_tables(
+        _read_csv(summary_csv), tables, templates_dir, reference_method, references
+    )
+    return {
+        "results_md": md,
+        "results_tex": tex,
+        "results_html": html,
+        "comparisons_md": render_comparisons(_read_csv(comparisons_csv), tables, templates_dir),
+        "accuracy_vs_macs": plot_accuracy_vs_macs(runs, figures / "accuracy_vs_macs.png"),
+        "method_comparison": plot_method_comparison(runs, figures / "method_comparison.png"),
+        "time_per_step": plot_time_per_step(runs, figures / "time_per_step.png"),
+    }

@@ -1,0 +1,464 @@
+"""Structured pruning through Torch-Pruning: plan settings -> pruner, MACs-target search, timm
+fix-ups.
+
+The search treats the pruner's global ``pruning_ratio`` as a knob and bisects it until the fraction
+of base
+MACs removed is within ``tolerance`` of the target. Importance scores are computed once per run
+(Taylor
+gradients on the calibration batches, or magnitudes, or seeded random scores) and cached by group,
+so every
+trial of the search ranks channels identically and the MACs curve is monotone in the knob. When the
+channel granularity makes the curve jump over the tolerance window, a second, local "top-up" stage
+prunes
+a few more channels from the finest-grained layers (MLP hidden units by default) until the target
+is met.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMPORTANCES = ("taylor", "magnitude_l1", "magnitude_l2", "random")
+
+
+class PruningError(RuntimeError):
+    """A plan cannot be carried out on this model."""
+
+
+@dataclass
+class PrunerSettings:
+    """The pruner part of ``plan.json`` (see DESIGN.md).
+
+    Attributes:
+        importance: one of ``IMPORTANCES``.
+        global_pruning: rank all groups together (True) or prune every layer by the same ratio
+        (False).
+        isomorphic: rank within isomorphic groups only (Isomorphic Pruning, ECCV'24).
+        prune_num_heads: remove whole attention heads.
+        prune_head_dims: remove channels inside every head.
+        head_ratio_scale: head pruning ratio as a multiple of the searched pruning ratio.
+        scope_ratios: module-name glob -> multiple of the searched ratio (per-scope ratios).
+        round_to: keep channel counts multiples of this (None: free).
+        ignored: module-name globs never pruned (the classifier is always ignored).
+        topup_scopes: module-name globs pruned by the top-up stage when the global knob cannot land
+            within tolerance.
+        calibration_batches: batches used for Taylor gradients.
+        max_pruning_ratio: upper bound on any layer's pruning ratio (a safety bound).
+        max_head_ratio: upper bound on the fraction of attention heads removed.
+        attention_scale: ``keep`` the trained softmax scale of pruned heads, or ``recompute`` it
+        from the
+            new head dim.
+    """
+
+    importance: str = "magnitude_l2"
+    global_pruning: bool = True
+    isomorphic: bool = False
+    prune_num_heads: bool = False
+    prune_head_dims: bool = True
+    head_ratio_scale: float = 0.0
+    scope_ratios: dict[str, float] = field(default_factory=dict)
+    round_to: int | None = None
+    ignored: list[str] = field(default_factory=list)
+    topup_scopes: list[str] = field(default_factory=lambda: ["*mlp.fc1"])
+    calibration_batches: int = 4
+    max_pruning_ratio: float = 0.9
+    max_head_ratio: float = 0.5
+    attention_scale: str = "keep"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PrunerSettings:
+        """Build from a plan's ``pruner`` dict, rejecting unknown keys and importances."""
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise PruningError(f"plan.pruner has unknown keys: {sorted(unknown)}")
+        settings = cls(**raw)
+        if settings.importance not in IMPORTANCES:
+            raise PruningError(
+                f"plan.pruner.importance={settings.importance!r} is not one of {IMPORTANCES}"
+            )
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def _base_importance(name: str):
+    import torch_pruning as tp
+
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if name == "magnitude_l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == "magnitude_l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    return tp.importance.RandomImportance()
+
+
+class CachedImportance:
+    """Wraps a Torch-Pruning importance and memoises its scores by group, keyed by module names.
+
+    Every search trial prunes a fresh copy of the same base model, so the same group (by module
+    names and
+    pruning functions) recurs; its scores are computed on the first trial only.
+    """
+
+    def __init__(self, name: str, seed: int) -> None:
+        self.name = name
+        self.seed = seed
+        self.inner = _base_importance(name)
+        self.cache: dict[tuple, torch.Tensor | None] = {}
+        self.names: dict[nn.Module, str] = {}
+        self.computed = 0
+
+    def bind(self, model: nn.Module) -> None:
+        """Use ``model``'s module names for the cache keys of the next trial."""
+        self.names = {m: n for n, m in model.named_modules()}
+
+    def __call__(self, group, **kwargs) -> torch.Tensor | None:
+        key = tuple(
+            (
+                self.names.get(dep.target.module, "?"),
+                getattr(dep.handler, "__name__", type(dep.handler).__name__),
+                len(idxs),
+            )
+            for dep, idxs in group
+        )
+        if key not in self.cache:
+            if self.name == "random":
+                torch.manual_seed(self.seed + len(self.cache))
+            scores = self.inner(group, **kwargs)
+            self.cache[key] = None if scores is None else scores.detach().clone()
+            self.computed += 1
+        cached = self.cache[key]
+        return None if cached is None else cached.clone()
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that look like timm attention (a ``qkv`` Linear and ``num_heads``)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")
+    ]
+
+
+def classifier_modules(model: nn.Module) -> list[nn.Module]:
+    """The classifier head(s) of a timm model (never pruned: their outputs are the classes)."""
+    get = getattr(model, "get_classifier", None)
+    heads = get() if callable(get) else None
+    heads = list(heads) if isinstance(heads, tuple | list) else [heads]
+    return [h for h in heads if isinstance(h, nn.Module) and not isinstance(h, nn.Identity)]
+
+
+def match_modules(model: nn.Module, patterns: Sequence[str]) -> list[nn.Module]:
+    """Leaf Linear/Conv modules whose names match any glob in ``patterns``."""
+    return [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and any(fnmatch.fnmatch(n, p) for p in patterns)
+    ]
+
+
+def compute_gradients(
+    model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """Accumulate the calibration loss gradient in ``.grad`` (for Taylor importance).
+
+    Returns:
+        The mean calibration loss.
+    """
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        total += float(loss.detach())
+    return total / max(1, len(batches))
+
+
+def fix_timm_attributes(model: nn.Module, num_heads: dict[nn.Module, int], rescale: bool) -> None:
+    """Make timm attention modules agree with their pruned ``qkv``/``proj`` shapes.
+
+    timm's ``Attention.forward`` reshapes with ``num_heads``, ``head_dim`` and ``attn_dim``, so
+    these must
+    follow the pruned ``qkv``. ``scale`` keeps its trained value unless ``rescale``.
+    """
+    for attn in attention_modules(model):
+        heads = int(num_heads.get(attn.qkv, attn.num_heads))
+        if heads < 1 or attn.qkv.out_features == 0:
+            raise PruningError("an attention layer lost all of its heads")
+        head_dim = attn.qkv.out_features // (3 * heads)
+        if head_dim * heads * 3 != attn.qkv.out_features:
+            raise PruningError(
+                f"qkv has {attn.qkv.out_features} outputs, not 3 x {heads} heads x {head_dim}"
+            )
+        attn.num_heads = heads
+        attn.head_dim = head_dim
+        if hasattr(attn, "attn_dim"):
+            attn.attn_dim = heads * head_dim
+        if rescale:
+            attn.scale = head_dim**-0.5
+        # The optional qk norms act per head dim; keep their shapes consistent if present.
+        for norm_name in ("q_norm", "k_norm"):
+            norm = getattr(attn, norm_name, None)
+            if isinstance(norm, nn.LayerNorm) and norm.normalized_shape != (head_dim,):
+                raise PruningError("head-dim pruning with qk_norm is not supported")
+
+
+def build_pruner(
+    model: nn.Module,
+    settings: PrunerSettings,
+    ratio: float,
+    importance: CachedImportance,
+    example_inputs: torch.Tensor,
+):
+    """A Torch-Pruning ``BasePruner`` for ``model`` at global ratio ``ratio``."""
+    import torch_pruning as tp
+
+    ignored = classifier_modules(model) + match_modules(model, settings.ignored)
+    num_heads = {a.qkv: int(a.num_heads) for a in attention_modules(model)}
+    ratio_dict = {}
+    for pattern, scale in settings.scope_ratios.items():
+        for module in match_modules(model, [pattern]):
+            ratio_dict[module] = min(settings.max_pruning_ratio, ratio * float(scale))
+    importance.bind(model)
+    return tp.pruner.BasePruner(
+        model,
+        example_inputs,
+        importance=importance,
+        global_pruning=settings.global_pruning,
+        isomorphic=settings.isomorphic,
+        pruning_ratio=ratio,
+        pruning_ratio_dict=ratio_dict or None,
+        max_pruning_ratio=settings.max_pruning_ratio,
+        ignored_layers=ignored,
+        round_to=settings.round_to,
+        num_heads=num_heads,
+        prune_num_heads=settings.prune_num_heads and bool(num_heads),
+        prune_head_dims=settings.prune_head_dims,
+        head_pruning_ratio=min(settings.max_head_ratio, ratio * settings.head_ratio_scale),
+    )
+
+
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """MACs and params via ``tp.utils.count_ops_and_params``."""
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def prune_at(
+    base: nn.Module,
+    settings: PrunerSettings,
+    ratio: float,
+    importance: CachedImportance,
+    example_inputs: torch.Tensor,
+) -> nn.Module:
+    """A pruned copy of ``base`` at global ratio ``ratio`` (``base`` is left untouched)."""
+    model = copy.deepcopy(base)
+    if ratio <= 0:
+        return model
+    # deepcopy drops .grad; Taylor importance needs the base gradients on the first (uncached)
+    # trial.
+    for src, dst in zip(base.parameters(), model.parameters()):
+        if src.grad is not None:
+            dst.grad = src.grad.clone()
+    pruner = build_pruner(model, settings, ratio, importance, example_inputs)
+    pruner.step()
+    fix_timm_attributes(model, pruner.num_heads, settings.attention_scale == "recompute")
+    return model
+
+
+def _topup(
+    model: nn.Module,
+    settings: PrunerSettings,
+    base_macs: int,
+    target: float,
+    tolerance: float,
+    example_inputs: torch.Tensor,
+    seed: int,
+    max_steps: int,
+) -> tuple[nn.Module, float, list[dict[str, Any]]]:
+    """Prune a few more channels of the ``topup_scopes`` layers (locally) until the target is
+    met."""
+    scoped = {id(m) for m in match_modules(model, settings.topup_scopes)}
+    if not scoped:
+        return model, 1 - count_macs(model, example_inputs)[0] / base_macs, []
+    other = [
+        m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d) and id(m) not in scoped
+    ]
+    topup_settings = PrunerSettings(
+        importance="magnitude_l2" if settings.importance == "taylor" else settings.importance,
+        global_pruning=True,
+        ignored=[],
+        max_pruning_ratio=settings.max_pruning_ratio,
+    )
+    importance = CachedImportance(topup_settings.importance, seed)
+    start_reduction = 1 - count_macs(model, example_inputs)[0] / base_macs
+    lo, hi = 0.0, settings.max_pruning_ratio
+    best = (abs(start_reduction - target), model, start_reduction)
+    trials = []
+    for _ in range(max_steps):
+        mid = (lo + hi) / 2
+        candidate = copy.deepcopy(model)
+        import torch_pruning as tp
+
+        importance.bind(candidate)
+        names = {id(m): n for n, m in model.named_modules()}
+        cand_modules = dict(candidate.named_modules())
+        pruner = tp.pruner.BasePruner(
+            candidate,
+            example_inputs,
+            importance=importance,
+            global_pruning=True,
+            pruning_ratio=mid,
+            max_pruning_ratio=settings.max_pruning_ratio,
+            ignored_layers=[cand_modules[names[id(m)]] for m in other],
+            round_to=settings.round_to,
+        )
+        pruner.step()
+        reduction = 1 - count_macs(candidate, example_inputs)[0] / base_macs
+        trials.append({"stage": "topup", "ratio": mid, "achieved": reduction})
+        if abs(reduction - target) < best[0]:
+            best = (abs(reduction - target), candidate, reduction)
+        if abs(reduction - target) <= tolerance:
+            break
+        if reduction < target:
+            lo = mid
+        else:
+            hi = mid
+    return best[1], best[2], trials
+
+
+def prune_to_target(
+    base: nn.Module,
+    settings: PrunerSettings,
+    target: float,
+    example_inputs: torch.Tensor,
+    calibration: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    seed: int,
+    tolerance: float = 0.005,
+    max_steps: int = 30,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune ``base`` so that the fraction of its MACs removed is within ``tolerance`` of
+    ``target``.
+
+    Args:
+        base: the unpruned model (not modified).
+        settings: the plan's pruner settings.
+        target: fraction of base MACs to remove, in [0, 1).
+        example_inputs: a batch-1 input for tracing and MACs counting.
+        calibration: batches for Taylor gradients.
+        seed: seeds random importance.
+        tolerance: allowed |achieved - target|.
+        max_steps: bisection steps per stage.
+
+    Returns:
+        The pruned model and a report (achieved fraction, MACs, trials, seconds).
+    """
+    if not 0.0 <= target < 1.0:
+        raise PruningError(f"target MACs fraction {target} is outside [0, 1)")
+    start = time.perf_counter()
+    base = copy.deepcopy(base).eval()
+    base_macs, base_params = count_macs(base, example_inputs)
+    calib_loss = None
+    if settings.importance == "taylor":
+        calib_loss = compute_gradients(base, calibration[: settings.calibration_batches])
+    importance = CachedImportance(settings.importance, seed)
+    trials: list[dict[str, Any]] = []
+
+    def reduction_at(ratio: float) -> tuple[nn.Module | None, float]:
+        try:
+            model = prune_at(base, settings, ratio, importance, example_inputs)
+        except PruningError as err:
+            # An over-pruned trial (e.g. a layer left without heads) counts as "too far".
+            trials.append({"stage": "global", "ratio": ratio, "error": str(err)})
+            return None, 1.0
+        reduction = 1 - count_macs(model, example_inputs)[0] / base_macs
+        trials.append({"stage": "global", "ratio": ratio, "achieved": reduction})
+        return model, reduction
+
+    lo, hi = 0.0, settings.max_pruning_ratio
+    best_under: tuple[float, nn.Module | None, float] = (0.0, base, 0.0)
+    best: tuple[float, nn.Module, float] = (target, base, 0.0)
+    if target <= tolerance:
+        lo = hi = 0.0
+    model_hi, red_hi = reduction_at(hi)
+    if red_hi < target - tolerance:
+        raise PruningError(
+            f"even at max_pruning_ratio={hi} only {red_hi:.3f} of MACs are removed "
+            f"(target {target}); raise max_pruning_ratio or lower the target"
+        )
+    if model_hi is not None:
+        best = (abs(red_hi - target), model_hi, red_hi)
+    for _ in range(max_steps):
+        if best[0] <= tolerance or hi - lo < 1e-5:
+            break
+        mid = (lo + hi) / 2
+        model, reduction = reduction_at(mid)
+        if model is not None and abs(reduction - target) < best[0]:
+            best = (abs(reduction - target), model, reduction)
+        if reduction < target:
+            lo = mid
+            if reduction > best_under[2]:
+                best_under = (mid, model, reduction)
+        else:
+            hi = mid
+    model, achieved = best[1], best[2]
+    if best[0] > tolerance and best_under[1] is not None:
+        model, achieved, topup_trials = _topup(
+            best_under[1],
+            settings,
+            base_macs,
+            target,
+            tolerance,
+            example_inputs,
+            seed,
+            max_steps,
+        )
+        trials.extend(topup_trials)
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    macs, params = count_macs(model, example_inputs)
+    check_forward_backward(model, example_inputs)
+    return model, {
+        "target": target,
+        "achieved": 1 - macs / base_macs,
+        "within_tolerance": abs(1 - macs / base_macs - target) <= tolerance,
+        "tolerance": tolerance,
+        "macs_base": base_macs,
+        "params_base": base_params,
+        "macs": macs,
+        "params": params,
+        "trials": trials,
+        "importance_evaluations": importance.computed,
+        "calibration_loss": calib_loss,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def check_forward_backward(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """Run a forward and a backward pass; raise :class:`PruningError` if either fails."""
+    model.eval()
+    try:
+        out = model(example_inputs.repeat(2, 1, 1, 1))
+        out.float().sum().backward()
+    except RuntimeError as err:
+        raise PruningError(f"pruned model fails a forward/backward pass: {err}") from err
+    finally:
+        model.zero_grad(set_to_none=True)
+    if not torch.isfinite(out).all():
+        raise PruningError("pruned model produces non-finite outputs")

@@ -1,0 +1,317 @@
+"""One function per pipeline step. Snakemake's thin scripts and the ``agentprune`` CLI both call
+these.
+
+Each step reads its inputs from paths, writes its outputs to paths, and seeds everything from its
+seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agentprune import data, models, train
+from agentprune import evaluate as ev
+from agentprune.pruning import methods
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON artifact, with a one-line error naming the file if it is malformed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read JSON artifact ({err})") from err
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a partial file never replaces a good one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def logged(log: str | Path | None, threads: int | None = None) -> Iterator[None]:
+    """Send stdout/stderr (tqdm included) to ``log`` and pin torch's thread count."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    if not log:
+        yield
+        return
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(log, "w") as fh,
+        contextlib.redirect_stdout(fh),
+        contextlib.redirect_stderr(fh),
+    ):
+        yield
+
+
+def model_config(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``models`` entry called ``name``."""
+    for entry in config["models"]:
+        if entry["name"] == name:
+            return entry
+    raise KeyError(f"model {name!r} is not in config.models")
+
+
+def _num_classes(config: dict[str, Any]) -> int:
+    return data.num_classes(config["dataset"])
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def prepare_dataset(config: dict[str, Any], out_json: str | Path) -> dict[str, Any]:
+    """The download step for data: fetch (where the data set is downloadable) and describe the
+    splits."""
+    splits = data.load_splits(config["dataset"], download=True)
+    desc = data.describe(config["dataset"], splits)
+    write_json(out_json, desc)
+    return desc
+
+
+def base_model(
+    config: dict[str, Any], model_name: str, out_stem: str | Path, metrics_json: str | Path
+) -> dict[str, Any]:
+    """The download step for a model: pretrained weights from the hub, or training from scratch.
+
+    Writes ``<out_stem>.safetensors``/``.json`` and the base ``metrics.json`` (test accuracy, MACs).
+    """
+    entry = model_config(config, model_name)
+    splits = data.load_splits(config["dataset"])
+    num_classes = _num_classes(config)
+    start = time.perf_counter()
+    model = models.create(
+        entry["timm"],
+        num_classes,
+        entry.get("overrides"),
+        pretrained=bool(entry.get("pretrained")),
+        pretrained_file=entry.get("pretrained_file"),
+    )
+    report: dict[str, Any] = {"pretrained": bool(entry.get("pretrained"))}
+    if not entry.get("pretrained"):
+        hp = {**config["base_training"], **(entry.get("train") or {})}
+        cfg = train.TrainConfig.from_config(hp)
+        if cfg.epochs > 0:  # epochs 0: keep the initial weights (structural runs)
+            report["train"] = train.train(
+                model, splits.train, cfg, seed=int(hp.get("seed", 0)), log=_print
+            )
+        report["hyperparameters"] = hp
+    seconds = time.perf_counter() - start
+    weights, _ = models.save(model, out_stem, entry["timm"], num_classes, entry.get("overrides"))
+    metrics = ev.accuracy(model, splits.test, int(config["evaluate"]["batch_size"]))
+    macs, params = ev.macs_params(model, splits.img_size)
+    val = ev.accuracy(model, splits.val, int(config["evaluate"]["batch_size"]))
+    out = {
+        "dataset": config["dataset"]["name"],
+        "model": model_name,
+        "timm": entry["timm"],
+        **metrics,
+        "val_top1": val["top1"],
+        "macs": macs,
+        "params": params,
+        "sha256": models.sha256(weights),
+        "seconds": seconds,
+        **report,
+    }
+    write_json(metrics_json, out)
+    _print(f"base {model_name}: top1 {metrics['top1']:.2f}% macs {macs} params {params}")
+    return out
+
+
+def profile(config: dict[str, Any], base_stem: str | Path, out_json: str | Path) -> dict[str, Any]:
+    """The profile step: MACs breakdown, groups, sensitivity and safety bounds of the base model."""
+    from agentprune import profiling
+
+    model, _ = models.load(base_stem)
+    splits = data.load_splits(config["dataset"])
+    cfg = config["profile"]
+    batches = data.calibration_batches(
+        splits.val, int(cfg["calibration_batches"]), int(cfg["batch_size"]), seed=0
+    )
+    result = profiling.profile_model(model, data.example_inputs(splits.img_size), batches, cfg)
+    write_json(out_json, result)
+    return result
+
+
+def plan(
+    config: dict[str, Any],
+    method: str,
+    model_name: str,
+    ratio: float,
+    seed: int,
+    profile_json: str | Path,
+    out_json: str | Path,
+) -> dict[str, Any]:
+    """The plan step: ask the method's planner for a decision and write ``plan.json``."""
+    strategy = methods.get(method)
+    result = strategy.plan(
+        float(ratio),
+        read_json(profile_json),
+        dict(config.get("method_settings", {}).get(method, {})),
+        {
+            "dataset": config["dataset"]["name"],
+            "model": model_name,
+            "seed": int(seed),
+            "config": config,
+        },
+    )
+    write_json(out_json, result)
+    return result
+
+
+def prune(
+    config: dict[str, Any],
+    plan_json: str | Path,
+    base_stem: str | Path,
+    out_stem: str | Path,
+    report_json: str | Path,
+) -> dict[str, Any]:
+    """The prune step: carry ``plan.json`` out on the base model, check it, save it pickle-free."""
+    plan_doc = read_json(plan_json)
+    seed = int(plan_doc["seed"])
+    train.seed_everything(seed)
+    strategy = methods.get(plan_doc["method"])
+    base, desc = models.load(base_stem)
+    splits = data.load_splits(config["dataset"])
+    batch = int(config["prune"]["batch_size"])
+    n_batches = int(plan_doc.get("pruner", {}).get("calibration_batches", 1))
+    calibration = data.calibration_batches(splits.train, max(1, n_batches), batch, seed)
+    start = time.perf_counter()
+    pruned, report = strategy.prune(
+        base,
+        plan_doc,
+        data.example_inputs(splits.img_size),
+        calibration,
+        seed,
+        config["prune"],
+    )
+    report["seconds"] = time.perf_counter() - start
+    models.save(pruned, out_stem, desc["timm_name"], desc["num_classes"], desc["overrides"])
+    report["method"] = plan_doc["method"]
+    write_json(report_json, report)
+    _print(
+        f"pruned {plan_doc['method']} to {report.get('achieved', float('nan')):.4f} "
+        f"(target {plan_doc['target']['value']}) in {report['seconds']:.1f}s"
+    )
+    return report
+
+
+def finetune(
+    config: dict[str, Any],
+    plan_json: str | Path,
+    pruned_stem: str | Path,
+    base_stem: str | Path,
+    out_stem: str | Path,
+    report_json: str | Path,
+) -> dict[str, Any]:
+    """The finetune step: short recovery training, optionally distilled from the base model."""
+    plan_doc = read_json(plan_json)
+    seed = int(plan_doc["seed"])
+    strategy = methods.get(plan_doc["method"])
+    model, desc = models.load(pruned_stem)
+    cfg = train.TrainConfig.from_config(config["finetune"])
+    teacher = models.load(base_stem)[0] if cfg.distill.get("enabled") else None
+    splits = data.load_splits(config["dataset"])
+    report = train.train(
+        model,
+        splits.train,
+        cfg,
+        seed=seed,
+        teacher=teacher,
+        masks=strategy.masks(model),
+        log=_print,
+    )
+    models.save(model, out_stem, desc["timm_name"], desc["num_classes"], desc["overrides"])
+    write_json(report_json, report)
+    return report
+
+
+def evaluate(
+    config: dict[str, Any],
+    identity: dict[str, Any],
+    plan_json: str | Path,
+    base_metrics_json: str | Path,
+    prune_report_json: str | Path,
+    finetune_report_json: str | Path,
+    pruned_stem: str | Path,
+    finetuned_stem: str | Path,
+    out_json: str | Path,
+) -> dict[str, Any]:
+    """The evaluate step: test-split accuracy before and after fine-tuning, size, speed ->
+    metrics.json."""
+    start = time.perf_counter()
+    plan_doc = read_json(plan_json)
+    base = read_json(base_metrics_json)
+    prune_report = read_json(prune_report_json)
+    ft_report = read_json(finetune_report_json)
+    splits = data.load_splits(config["dataset"])
+    cfg = config["evaluate"]
+    pruned, _ = models.load(pruned_stem)
+    before = ev.accuracy(pruned, splits.test, int(cfg["batch_size"]))
+    del pruned
+    finetuned, _ = models.load(finetuned_stem)
+    after = ev.evaluate_model(finetuned, splits.test, splits.img_size, cfg)
+    strategy = methods.get(plan_doc["method"])
+    provenance = plan_doc.get("provenance", {})
+    exchanges = provenance.get("exchanges", [])
+    achieved = (
+        1 - after["macs"] / base["macs"] if strategy.family == "structured" else after["sparsity"]
+    )
+    metrics = {
+        "dataset": identity["dataset"],
+        "model": identity["model"],
+        "method": plan_doc["method"],
+        "family": strategy.family,
+        "ratio": float(identity["ratio"]),
+        "seed": int(identity["seed"]),
+        "target": float(plan_doc["target"]["value"]),
+        "achieved": achieved,
+        "macs_base": int(base["macs"]),
+        "macs": after["macs"],
+        "params_base": int(base["params"]),
+        "params": after["params"],
+        "sparsity": after["sparsity"],
+        "sparsity_overall": after["sparsity_overall"],
+        "top1": after["top1"],
+        "top5": after["top5"],
+        "loss": after["loss"],
+        "top1_pruned": before["top1"],
+        "top5_pruned": before["top5"],
+        "loss_pruned": before["loss"],
+        "top1_base": base["top1"],
+        "top5_base": base["top5"],
+        "loss_base": base["loss"],
+        "latency_ms": after["latency_ms"],
+        "throughput": after["throughput"],
+        "seconds": {
+            "plan": float(provenance.get("planning_seconds", 0.0)),
+            "prune": float(prune_report.get("seconds", float("nan"))),
+            "finetune": float(ft_report.get("seconds", float("nan"))),
+            "evaluate": time.perf_counter() - start,
+        },
+        "planning": {
+            "backend": provenance.get("backend"),
+            "llm_calls": len(exchanges),
+            "prompt_tokens": sum(int(e.get("prompt_tokens") or 0) for e in exchanges),
+            "completion_tokens": sum(int(e.get("completion_tokens") or 0) for e in exchanges),
+            "seconds": float(provenance.get("planning_seconds", 0.0)),
+        },
+    }
+    write_json(out_json, metrics)
+    _print(
+        f"{metrics['model']}/{metrics['method']}/r{metrics['ratio']}/s{metrics['seed']}: "
+        f"top1 {before['top1']:.2f} -> {after['top1']:.2f} (base {base['top1']:.2f})"
+    )
+    return metrics
