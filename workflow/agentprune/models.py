@@ -216,7 +216,10 @@ def load(stem: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
     if "sha256" in desc and desc["sha256"] != sha256(weights):
         raise CheckpointError(f"{weights}: checksum differs from {meta.name}; the file is corrupt")
-    model = create(desc["timm_name"], desc["num_classes"], desc["overrides"], pretrained=False)
+    try:
+        model = create(desc["timm_name"], desc["num_classes"], desc["overrides"], pretrained=False)
+    except (KeyError, TypeError, CheckpointError) as err:
+        raise CheckpointError(f"{meta}: cannot rebuild {desc.get('timm_name')!r} ({err})") from err
     expected = set(model.state_dict())
     if set(state) != expected:
         missing = sorted(expected - set(state))[:3]
@@ -226,11 +229,15 @@ def load(stem: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"(missing {missing}, unexpected {unexpected})"
         )
     _resize_tensors(model, {k: tuple(v.shape) for k, v in state.items()})
-    for module_name, attrs in desc.get("modules", {}).items():
-        module = model.get_submodule(module_name) if module_name else model
-        for attr, value in attrs.items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-    model.load_state_dict(state, strict=True)
+    try:
+        for module_name, attrs in desc.get("modules", {}).items():
+            module = model.get_submodule(module_name) if module_name else model
+            for attr, value in attrs.items():
+                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+        model.load_state_dict(state, strict=True)
+    except (AttributeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{meta}: structure does not fit the weights ({first})") from err
     return model.eval(), desc
 
 

@@ -207,7 +207,7 @@ def safety_bound(
         if d1 > max_increase:
             bound = r0 + (r1 - r0) * (max_increase - d0) / (d1 - d0) if d1 != d0 else r0
             break
-    if points[-1][1] <= max_increase:
+    if all(d <= max_increase for _, d in points):
         # Extrapolate beyond the last measured ratio only up to the ceiling.
         bound = ceiling
     return float(min(ceiling, max(floor, bound)))

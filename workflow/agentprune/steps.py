@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,12 @@ def logged(log: str | Path | None, threads: int | None = None) -> Iterator[None]
         contextlib.redirect_stdout(fh),
         contextlib.redirect_stderr(fh),
     ):
-        yield
+        try:
+            yield
+        except BaseException:
+            # Snakemake shows the rule's log on failure: put the traceback where it looks.
+            traceback.print_exc(file=fh)
+            raise
 
 
 def model_config(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -179,7 +179,7 @@ def train(
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             apply_masks(model, masks)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             bar.update(1)
         epoch_losses.append(float(np.mean(losses[-batches_per_epoch:])))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +54,7 @@ class PrunerSettings:
         calibration_batches: batches used for Taylor gradients.
         max_pruning_ratio: upper bound on any layer's pruning ratio (a safety bound).
         max_head_ratio: upper bound on the fraction of attention heads removed.
+        coarse_step: step of the upward scan that brackets the target before bisection.
         attention_scale: ``keep`` the trained softmax scale of pruned heads, or ``recompute`` it
         from the
             new head dim.
@@ -72,6 +73,7 @@ class PrunerSettings:
     calibration_batches: int = 4
     max_pruning_ratio: float = 0.9
     max_head_ratio: float = 0.5
+    coarse_step: float = 0.1
     attention_scale: str = "keep"
 
     @classmethod
@@ -251,6 +253,16 @@ def build_pruner(
     )
 
 
+def prunable_channels(model: nn.Module) -> int:
+    """Output channels of all Linear/Conv layers except the classifier."""
+    heads = {id(m) for m in classifier_modules(model)}
+    return sum(
+        m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and id(m) not in heads
+    )
+
+
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
     """MACs and params via ``tp.utils.count_ops_and_params``."""
     import torch_pruning as tp
@@ -281,65 +293,127 @@ def prune_at(
     return model
 
 
-def _topup(
+Trial = Callable[[float], tuple[nn.Module | None, float]]
+
+
+@dataclass
+class SearchResult:
+    """The outcome of :func:`search_ratio`: the closest model, and the closest one below target."""
+
+    model: nn.Module | None
+    reduction: float
+    under_model: nn.Module | None
+    under_reduction: float
+
+    def error(self, target: float) -> float:
+        """|reduction - target| of the closest model."""
+        return abs(self.reduction - target) if self.model is not None else float("inf")
+
+
+def search_ratio(
+    trial: Trial,
+    target: float,
+    tolerance: float,
+    step: float,
+    max_ratio: float,
+    resolution: float,
+    max_steps: int,
+) -> SearchResult:
+    """Find the pruning ratio whose MACs reduction is within ``tolerance`` of ``target``.
+
+    An upward scan in ``step`` brackets the target first, because Torch-Pruning skips groups
+    that would exceed ``max_pruning_ratio``: the reduction grows with the ratio only up to some
+    ratio, not up to the maximum. Bisection then narrows the bracket down to ``resolution``.
+
+    Args:
+        trial: prunes a copy at a ratio; returns (model, reduction), model None for an invalid trial
+            (which counts as overshooting).
+        target: MACs fraction to remove.
+        tolerance: allowed |reduction - target|.
+        step: scan step.
+        max_ratio: largest ratio tried.
+        resolution: bracket width below which bisection stops.
+        max_steps: bisection steps.
+    """
+    result = SearchResult(None, 0.0, None, 0.0)
+
+    def consider(model: nn.Module | None, reduction: float) -> None:
+        if model is None:
+            return
+        if abs(reduction - target) < result.error(target):
+            result.model, result.reduction = model, reduction
+        if result.under_reduction <= reduction < target:
+            result.under_model, result.under_reduction = model, reduction
+
+    lo, hi, ratio = 0.0, None, step
+    while ratio <= max_ratio + 1e-9:
+        model, reduction = trial(ratio)
+        consider(model, reduction)
+        if result.error(target) <= tolerance:
+            return result
+        if reduction >= target:
+            hi = ratio
+            break
+        lo, ratio = ratio, round(ratio + step, 10)
+    if hi is None:
+        return result
+    for _ in range(max_steps):
+        if result.error(target) <= tolerance or hi - lo < resolution:
+            break
+        mid = (lo + hi) / 2
+        model, reduction = trial(mid)
+        consider(model, reduction)
+        if reduction < target:
+            lo = mid
+        else:
+            hi = mid
+    return result
+
+
+def _topup_trial(
     model: nn.Module,
     settings: PrunerSettings,
     base_macs: int,
-    target: float,
-    tolerance: float,
     example_inputs: torch.Tensor,
     seed: int,
-    max_steps: int,
-) -> tuple[nn.Module, float, list[dict[str, Any]]]:
-    """Prune a few more channels of the ``topup_scopes`` layers (locally) until the target is
-    met."""
-    scoped = {id(m) for m in match_modules(model, settings.topup_scopes)}
-    if not scoped:
-        return model, 1 - count_macs(model, example_inputs)[0] / base_macs, []
-    other = [
-        m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d) and id(m) not in scoped
-    ]
-    topup_settings = PrunerSettings(
-        importance="magnitude_l2" if settings.importance == "taylor" else settings.importance,
-        global_pruning=True,
-        ignored=[],
-        max_pruning_ratio=settings.max_pruning_ratio,
-    )
-    importance = CachedImportance(topup_settings.importance, seed)
-    start_reduction = 1 - count_macs(model, example_inputs)[0] / base_macs
-    lo, hi = 0.0, settings.max_pruning_ratio
-    best = (abs(start_reduction - target), model, start_reduction)
-    trials = []
-    for _ in range(max_steps):
-        mid = (lo + hi) / 2
-        candidate = copy.deepcopy(model)
-        import torch_pruning as tp
+    trials: list[dict[str, Any]],
+) -> Trial | None:
+    """A trial function that prunes only the ``topup_scopes`` layers of ``model`` a bit further."""
+    import torch_pruning as tp
 
+    names = {id(m): n for n, m in model.named_modules()}
+    scoped = {names[id(m)] for m in match_modules(model, settings.topup_scopes)}
+    if not scoped:
+        return None
+    other = [
+        names[id(m)]
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and names[id(m)] not in scoped
+    ]
+    importance = CachedImportance(
+        "magnitude_l2" if settings.importance == "taylor" else settings.importance, seed
+    )
+
+    def trial(ratio: float) -> tuple[nn.Module | None, float]:
+        candidate = copy.deepcopy(model)
+        modules = dict(candidate.named_modules())
         importance.bind(candidate)
-        names = {id(m): n for n, m in model.named_modules()}
-        cand_modules = dict(candidate.named_modules())
         pruner = tp.pruner.BasePruner(
             candidate,
             example_inputs,
             importance=importance,
             global_pruning=True,
-            pruning_ratio=mid,
+            pruning_ratio=ratio,
             max_pruning_ratio=settings.max_pruning_ratio,
-            ignored_layers=[cand_modules[names[id(m)]] for m in other],
+            ignored_layers=[modules[n] for n in other],
             round_to=settings.round_to,
         )
         pruner.step()
         reduction = 1 - count_macs(candidate, example_inputs)[0] / base_macs
-        trials.append({"stage": "topup", "ratio": mid, "achieved": reduction})
-        if abs(reduction - target) < best[0]:
-            best = (abs(reduction - target), candidate, reduction)
-        if abs(reduction - target) <= tolerance:
-            break
-        if reduction < target:
-            lo = mid
-        else:
-            hi = mid
-    return best[1], best[2], trials
+        trials.append({"stage": "topup", "ratio": ratio, "achieved": reduction})
+        return candidate, reduction
+
+    return trial
 
 
 def prune_to_target(
@@ -379,56 +453,51 @@ def prune_to_target(
     importance = CachedImportance(settings.importance, seed)
     trials: list[dict[str, Any]] = []
 
-    def reduction_at(ratio: float) -> tuple[nn.Module | None, float]:
+    def global_trial(ratio: float) -> tuple[nn.Module | None, float]:
         try:
             model = prune_at(base, settings, ratio, importance, example_inputs)
         except PruningError as err:
-            # An over-pruned trial (e.g. a layer left without heads) counts as "too far".
+            # An over-pruned trial (e.g. a layer left without heads) counts as overshooting.
             trials.append({"stage": "global", "ratio": ratio, "error": str(err)})
             return None, 1.0
         reduction = 1 - count_macs(model, example_inputs)[0] / base_macs
         trials.append({"stage": "global", "ratio": ratio, "achieved": reduction})
         return model, reduction
 
-    lo, hi = 0.0, settings.max_pruning_ratio
-    best_under: tuple[float, nn.Module | None, float] = (0.0, base, 0.0)
-    best: tuple[float, nn.Module, float] = (target, base, 0.0)
-    if target <= tolerance:
-        lo = hi = 0.0
-    model_hi, red_hi = reduction_at(hi)
-    if red_hi < target - tolerance:
-        raise PruningError(
-            f"even at max_pruning_ratio={hi} only {red_hi:.3f} of MACs are removed "
-            f"(target {target}); raise max_pruning_ratio or lower the target"
-        )
-    if model_hi is not None:
-        best = (abs(red_hi - target), model_hi, red_hi)
-    for _ in range(max_steps):
-        if best[0] <= tolerance or hi - lo < 1e-5:
-            break
-        mid = (lo + hi) / 2
-        model, reduction = reduction_at(mid)
-        if model is not None and abs(reduction - target) < best[0]:
-            best = (abs(reduction - target), model, reduction)
-        if reduction < target:
-            lo = mid
-            if reduction > best_under[2]:
-                best_under = (mid, model, reduction)
-        else:
-            hi = mid
-    model, achieved = best[1], best[2]
-    if best[0] > tolerance and best_under[1] is not None:
-        model, achieved, topup_trials = _topup(
-            best_under[1],
-            settings,
-            base_macs,
+    model = base
+    if target > tolerance:
+        # Below this resolution no channel count changes (half a channel of all prunable ones).
+        resolution = 0.5 / max(1, prunable_channels(base))
+        found = search_ratio(
+            global_trial,
             target,
             tolerance,
-            example_inputs,
-            seed,
+            settings.coarse_step,
+            settings.max_pruning_ratio,
+            resolution,
             max_steps,
         )
-        trials.extend(topup_trials)
+        if found.model is None and found.under_model is None:
+            raise PruningError(f"no valid pruning found for target {target}")
+        if found.error(target) > tolerance:
+            # The channel granularity jumps over the window: top up from the best model below it.
+            start_model = found.under_model or base
+            trial = _topup_trial(start_model, settings, base_macs, example_inputs, seed, trials)
+            if trial is not None:
+                topup = search_ratio(
+                    trial, target, tolerance, 0.05, settings.max_pruning_ratio, 1e-4, max_steps
+                )
+                if topup.error(target) < found.error(target):
+                    found = topup
+        if found.model is None:
+            raise PruningError(f"no valid pruning found for target {target}")
+        if found.error(target) > tolerance and found.reduction < target - tolerance:
+            best = max((t.get("achieved", 0.0) for t in trials), default=0.0)
+            raise PruningError(
+                f"no ratio up to max_pruning_ratio={settings.max_pruning_ratio} removes {target} "
+                f"of MACs (best {best:.3f}); raise max_pruning_ratio or lower the target"
+            )
+        model = found.model
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(True)

@@ -1,0 +1,165 @@
+"""Shared fixtures: tiny timm models, calibration batches, example inputs, memoised pruning runs.
+
+Everything here is sized for a shared 2-core CPU: the models have at most a few hundred thousand
+parameters at 32 px, and pruning runs are memoised for the session so that several tests can inspect
+one run.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    import agentprune  # noqa: F401
+except ImportError:  # not installed: run from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+IMG_SIZE = 32
+NUM_CLASSES = 10
+# arch -> (timm name, creation overrides)
+TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit": (
+        "deit_tiny_patch16_224",
+        {
+            "img_size": IMG_SIZE,
+            "patch_size": 8,
+            "embed_dim": 64,
+            "depth": 2,
+            "num_heads": 4,
+            "mlp_ratio": 2,
+        },
+    ),
+    "convnext": ("convnext_atto", {"dims": (24, 48, 96, 192), "depths": (1, 1, 2, 1)}),
+}
+ARCHS = tuple(TINY_MODELS)
+PRUNE_CFG = {"tolerance": 0.005, "max_search_steps": 30, "calibration_batches": 2}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Torch-Pruning warns about ConvNeXt's layer-scale ``gamma`` on every graph build.
+    config.addinivalue_line("filterwarnings", "ignore:Unwrapped parameters detected:UserWarning")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Intra-op threads oversubscribe a shared 2-core machine (a 7 ms forward becomes 400 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(arch: str, seed: int = 0) -> nn.Module:
+    """A fresh, seeded tiny model (eval mode)."""
+    from agentprune import models
+
+    name, overrides = TINY_MODELS[arch]
+    torch.manual_seed(seed)
+    return models.create(name, NUM_CLASSES, overrides)
+
+
+@pytest.fixture(scope="session")
+def vit_factory() -> Callable[..., nn.Module]:
+    """``vit_factory(seed=0)``: a fresh tiny DeiT (2 blocks, 4 heads, 64 dims, 32 px)."""
+    return lambda seed=0: make_model("vit", seed)
+
+
+@pytest.fixture(scope="session")
+def convnext_factory() -> Callable[..., nn.Module]:
+    """``convnext_factory(seed=0)``: a fresh tiny ConvNeXt-atto (dims 24..192, depths 1,1,2,1)."""
+    return lambda seed=0: make_model("convnext", seed)
+
+
+@pytest.fixture(scope="session")
+def example_inputs() -> torch.Tensor:
+    """The pipeline's batch-1 tracing input at 32 px."""
+    from agentprune import data
+
+    return data.example_inputs(IMG_SIZE)
+
+
+@pytest.fixture(scope="session")
+def calib() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two seeded calibration batches of 4 random images with labels in [0, 10)."""
+    gen = torch.Generator().manual_seed(1234)
+    return [
+        (
+            torch.randn(4, 3, IMG_SIZE, IMG_SIZE, generator=gen),
+            torch.randint(0, NUM_CLASSES, (4,), generator=gen),
+        )
+        for _ in range(2)
+    ]
+
+
+def plan_context(seed: int = 0) -> dict[str, Any]:
+    """The ``context`` argument of ``Method.plan``."""
+    return {
+        "dataset": "digits",
+        "model": "m",
+        "seed": seed,
+        "config": {"prune": dict(PRUNE_CFG)},
+    }
+
+
+def macs(model: nn.Module, inputs: torch.Tensor) -> int:
+    """MACs measured independently of the library's own helper."""
+    import torch_pruning as tp
+
+    return int(tp.utils.count_ops_and_params(model, inputs)[0])
+
+
+@dataclass
+class PruneRun:
+    """One ``plan`` + ``prune`` run and what is needed to check it."""
+
+    arch: str
+    method: str
+    target: float
+    seed: int
+    base: nn.Module
+    base_state: dict[str, torch.Tensor]
+    base_macs: int
+    plan: dict[str, Any]
+    model: nn.Module
+    report: dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def prune_run(example_inputs, calib) -> Callable[..., PruneRun]:
+    """``prune_run(arch, method, target, seed=0, fresh=False)``: a memoised pruning run.
+
+    The base model is a fresh seeded model per run, snapshotted before pruning. ``fresh=True``
+    bypasses the memo (for determinism tests).
+    """
+    from agentprune.pruning import methods
+
+    cache: dict[tuple, PruneRun] = {}
+
+    def run(arch: str, method: str, target: float, seed: int = 0, fresh: bool = False) -> PruneRun:
+        key = (arch, method, target, seed)
+        if fresh or key not in cache:
+            base = make_model(arch)
+            state = copy.deepcopy(base.state_dict())
+            base_macs = macs(base, example_inputs)
+            strategy = methods.get(method)
+            plan = strategy.plan(target, {}, {}, plan_context(seed))
+            model, report = strategy.prune(base, plan, example_inputs, calib, seed, {})
+            result = PruneRun(
+                arch, method, target, seed, base, state, base_macs, plan, model, report
+            )
+            if fresh:
+                return result
+            cache[key] = result
+        return cache[key]
+
+    return run

@@ -1,0 +1,134 @@
+"""Tests of the ``agentprune`` command line (agentprune.cli).
+
+The end-to-end runs prune ``deit_tiny_patch16_224`` on the synthetic data set at 64 px; with the
+repository config that name resolves to the config's shrunk ``vit`` entry (matched by its timm
+name), so a whole run takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = ROOT / "workflow"
+if str(WORKFLOW) not in sys.path:
+    sys.path.insert(0, str(WORKFLOW))
+
+from agentprune.cli import main  # noqa: E402
+
+TINY = [
+    "--model",
+    "deit_tiny_patch16_224",
+    "--method",
+    "magnitude_l2",
+    "--dataset",
+    "synthetic",
+    "--no-pretrained",
+    "--img-size",
+    "64",
+]
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error" in line]
+
+
+@pytest.fixture(scope="module")
+def ratio_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    """One ``--ratio 0.4`` run, shared by the tests that need a finished run."""
+    out = tmp_path_factory.mktemp("ratio")
+    code = main(["prune", *TINY, "--ratio", "0.4", "--out", str(out)])
+    return code, out
+
+
+def test_prune_ratio_writes_artifacts(ratio_run: tuple[int, Path]) -> None:
+    code, out = ratio_run
+    assert code == 0
+    for name in ("plan.json", "pruned.safetensors", "pruned.json", "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = _read(out / "metrics.json")
+    assert metrics["family"] == "structured"
+    assert metrics["method"] == "magnitude_l2"
+    assert metrics["dataset"] == "synthetic"
+    assert metrics["ratio"] == pytest.approx(0.4)
+    assert abs(metrics["achieved"] - 0.4) <= 0.005
+    assert metrics["macs"] < metrics["macs_base"]
+    assert _read(out / "profile.json") == {}  # magnitude_l2 does not read the profile
+
+
+def test_prune_target_gmacs(
+    ratio_run: tuple[int, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, first = ratio_run
+    base_macs = _read(first / "base" / "metrics.json")["macs"]
+    target_macs = 0.65 * base_macs
+    code = main(["prune", *TINY, "--target-gmacs", repr(target_macs / 1e9), "--out", str(tmp_path)])
+    assert code == 0
+    metrics = _read(tmp_path / "metrics.json")
+    assert metrics["macs_base"] == base_macs
+    assert metrics["ratio"] == pytest.approx(0.35)
+    assert abs(metrics["macs"] - target_macs) <= 0.005 * base_macs
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "magnitude_l2" in summary and "GMACs" in summary
+
+
+def test_bad_ratio_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", *TINY, "--ratio", "1.5", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1
+    assert "--ratio" in errors[0] and "1.5" in errors[0]
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_method_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["prune", *TINY, "--ratio", "0.4", "--out", str(tmp_path)]
+    argv[argv.index("magnitude_l2")] = "no_such_method"
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1
+    assert "no_such_method" in errors[0] and "magnitude_l2" in errors[0]
+
+
+def test_ratio_and_gmacs_are_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", *TINY, "--ratio", "0.4", "--target-gmacs", "1", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", *TINY, "--ratio", "0.4", "--config", str(missing), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "nope.yaml" in _error_lines(capsys.readouterr().err)[0]
+
+
+def test_unknown_model_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["prune", *TINY, "--ratio", "0.4", "--out", str(tmp_path)]
+    argv[argv.index("deit_tiny_patch16_224")] = "no_such_model_xyz"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "agentprune: error: model 'no_such_model_xyz' is not a timm model name"
+
+
+def test_target_gmacs_above_base_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["prune", *TINY, "--target-gmacs", "1000", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("agentprune: error: --target-gmacs 1000 must be below")
+    assert "\n" not in err

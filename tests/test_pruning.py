@@ -1,0 +1,160 @@
+"""Structured pruning: every registered method on a tiny ViT and ConvNeXt lands on its MACs target,
+leaves the base model alone, keeps timm attention consistent, and is deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from agentprune.pruning import methods, structured
+from conftest import ARCHS, macs, make_model, plan_context
+
+METHODS = ("isomorphic", "magnitude_l1", "magnitude_l2", "taylor", "random")
+TOLERANCE = 0.005
+CASES = [(arch, method, 0.3) for arch in ARCHS for method in METHODS] + [
+    ("vit", "isomorphic", 0.5),
+    ("convnext", "random", 0.5),
+]
+
+
+def test_registry_holds_the_five_methods():
+    assert set(METHODS) <= set(methods.names())
+    for name in METHODS:
+        assert methods.get(name).name == name
+        assert methods.get(name).family == "structured"
+
+
+@pytest.mark.parametrize(("arch", "method", "target"), CASES)
+def test_prune_hits_target(prune_run, example_inputs, arch, method, target):
+    run = prune_run(arch, method, target)
+    assert run.plan["method"] == method
+    assert run.plan["target"] == {"metric": "macs_fraction_removed", "value": target}
+    assert run.plan["search"] == {"tolerance": TOLERANCE, "max_steps": 30}
+
+    achieved = 1 - macs(run.model, example_inputs) / run.base_macs
+    assert abs(achieved - target) <= TOLERANCE, (achieved, run.report["trials"][-3:])
+    assert run.report["achieved"] == pytest.approx(achieved, abs=1e-12)
+    assert run.report["within_tolerance"] is True
+    assert run.report["macs_base"] == run.base_macs
+
+
+@pytest.mark.parametrize(("arch", "method", "target"), CASES)
+def test_base_model_unchanged(prune_run, example_inputs, arch, method, target):
+    run = prune_run(arch, method, target)
+    assert macs(run.base, example_inputs) == run.base_macs
+    state = run.base.state_dict()
+    assert state.keys() == run.base_state.keys()
+    for name, value in run.base_state.items():
+        assert torch.equal(state[name], value), name
+    assert all(p.grad is None for p in run.base.parameters())
+    # The snapshot is the seeded initialisation, i.e. nothing leaked in before pruning either.
+    fresh = make_model(arch).state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in run.base_state.items())
+
+
+@pytest.mark.parametrize(("arch", "method", "target"), CASES)
+def test_pruned_forward_backward(prune_run, arch, method, target):
+    model = prune_run(arch, method, target).model
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(("method", "target"), [(m, t) for a, m, t in CASES if a == "vit"])
+def test_vit_attention_attributes_follow_qkv(prune_run, method, target):
+    model = prune_run("vit", method, target).model
+    attns = structured.attention_modules(model)
+    assert len(attns) == 2
+    for attn in attns:
+        assert attn.num_heads >= 1
+        assert attn.num_heads * attn.head_dim * 3 == attn.qkv.out_features
+        assert attn.attn_dim == attn.num_heads * attn.head_dim
+        assert attn.proj.in_features == attn.attn_dim
+
+
+def test_isomorphic_removes_heads_at_half(prune_run):
+    model = prune_run("vit", "isomorphic", 0.5).model
+    heads = [a.num_heads for a in structured.attention_modules(model)]
+    assert min(heads) < 4, heads
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "target"),
+    [("vit", "taylor", 0.3), ("convnext", "random", 0.5)],
+)
+def test_same_seed_same_model(prune_run, arch, method, target):
+    first = prune_run(arch, method, target).model.state_dict()
+    second = prune_run(arch, method, target, fresh=True).model.state_dict()
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name].shape == second[name].shape, name
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_random_depends_on_seed(prune_run):
+    a = prune_run("convnext", "random", 0.5, seed=0).model.state_dict()
+    b = prune_run("convnext", "random", 0.5, seed=1).model.state_dict()
+    assert any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_importance_computed_once_per_group(prune_run, example_inputs, arch):
+    run = prune_run(arch, "magnitude_l2", 0.3)
+    global_trials = [t for t in run.report["trials"] if t["stage"] == "global"]
+    assert len(global_trials) >= 3
+    evaluations = run.report["importance_evaluations"]
+
+    # Groups scored by a single trial: the first trial of the search, at max_pruning_ratio.
+    settings = structured.PrunerSettings.from_dict(run.plan["pruner"])
+    importance = structured.CachedImportance(settings.importance, seed=0)
+    structured.prune_at(
+        make_model(arch), settings, settings.max_pruning_ratio, importance, example_inputs
+    )
+    first_trial = importance.computed
+    assert first_trial >= 1
+    assert evaluations == first_trial
+    assert evaluations < 2 * len(global_trials)
+    # A further trial at another ratio reuses every cached score.
+    structured.prune_at(make_model(arch), settings, 0.2, importance, example_inputs)
+    assert importance.computed == first_trial
+
+
+def test_settings_reject_unknown_keys():
+    with pytest.raises(structured.PruningError, match="unknown keys.*bogus"):
+        structured.PrunerSettings.from_dict({"importance": "taylor", "bogus": 1})
+
+
+def test_settings_reject_unknown_importance():
+    with pytest.raises(structured.PruningError, match="importance='hessian'"):
+        structured.PrunerSettings.from_dict({"importance": "hessian"})
+
+
+def test_settings_round_trip():
+    settings = structured.PrunerSettings.from_dict({"importance": "random", "round_to": 4})
+    assert structured.PrunerSettings.from_dict(settings.to_dict()) == settings
+
+
+def test_plan_rejects_bad_override():
+    with pytest.raises(structured.PruningError, match="unknown keys"):
+        methods.get("taylor").plan(0.3, {}, {"not_a_setting": True}, plan_context())
+
+
+def test_unknown_method_names_known_ones():
+    with pytest.raises(methods.UnknownMethodError) as info:
+        methods.get("nope")
+    message = str(info.value)
+    assert "'nope'" in message
+    for name in METHODS:
+        assert name in message
+    assert isinstance(info.value, KeyError)
+
+
+def test_target_outside_range(vit_factory, example_inputs, calib):
+    settings = structured.PrunerSettings()
+    with pytest.raises(structured.PruningError, match="outside"):
+        structured.prune_to_target(vit_factory(), settings, 1.0, example_inputs, calib, 0)

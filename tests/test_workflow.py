@@ -1,0 +1,151 @@
+"""End-to-end workflow tests through the Snakemake Python API on config/smoke.yaml.
+
+One module-scoped temp workdir carries the three runs in order: a full run, a no-op rerun, and a
+``-R finetune`` rerun. Job counts per rule are derived from the files each run reports as updated.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "config" / "smoke.yaml"
+
+pytestmark = pytest.mark.workflow
+
+# The output file that identifies each rule's job (one per job).
+RULE_OF_OUTPUT = {
+    "dataset.json": "download_data",
+    "model.safetensors": "download_model",
+    "profile.json": "profile",
+    "plan.json": "plan",
+    "pruned.safetensors": "prune",
+    "finetuned.safetensors": "finetune",
+    "metrics.json": "evaluate",
+    "runs.csv": "stats",
+    "results.md": "paper",
+}
+
+
+def run_snakemake(workdir: Path, forcerun: list[str] | None = None) -> Counter:
+    """Run the workflow with the Snakemake API; return the number of jobs per rule."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        DAGSettings,
+        OutputSettings,
+        ResourceSettings,
+    )
+
+    updated: list[str] = []
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=2),
+            config_settings=ConfigSettings(configfiles=[SMOKE]),
+            snakefile=ROOT / "Snakefile",
+            workdir=workdir,
+        )
+        dag = workflow.dag(DAGSettings(forcerun=forcerun or []))
+        dag.execute_workflow(executor="local", updated_files=updated)
+    jobs: Counter = Counter()
+    for path in updated:
+        name = Path(path).name
+        if name == "model.safetensors" and "/base/" not in path:
+            continue
+        if name == "metrics.json" and "/base/" in path:
+            continue
+        if name in RULE_OF_OUTPUT:
+            jobs[RULE_OF_OUTPUT[name]] += 1
+    return jobs
+
+
+def smoke_grid() -> dict[str, int]:
+    """Jobs per rule the smoke grid implies."""
+    cfg = yaml.safe_load(SMOKE.read_text())
+    runs = len(cfg["models"]) * len(cfg["ratios"]) * len(cfg["seeds"]) * len(cfg["methods"])
+    return {
+        "download_data": 1,
+        "download_model": len(cfg["models"]),
+        "profile": len(cfg["models"]),
+        "plan": runs,
+        "prune": runs,
+        "finetune": runs,
+        "evaluate": runs,
+        "stats": 1,
+        "paper": 1,
+    }
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("smoke")
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir: Path) -> Counter:
+    return run_snakemake(workdir)
+
+
+def test_full_run_builds_every_job_and_the_report(workdir: Path, first_run: Counter) -> None:
+    assert dict(first_run) == smoke_grid()
+    results = workdir / "results"
+    report = results / "report.html"
+    assert report.is_file() and report.stat().st_size > 100_000
+    for fig in ("accuracy_vs_macs", "method_comparison", "time_per_step"):
+        assert (results / "paper" / "figures" / f"{fig}.png").stat().st_size > 5_000
+    table = (results / "paper" / "tables" / "results.md").read_text()
+    assert "isomorphic" in table and "magnitude_l2" in table
+    metrics = [json.loads(p.read_text()) for p in results.glob("digits/*/*/r*/s*/metrics.json")]
+    assert len(metrics) == smoke_grid()["evaluate"]
+    for m in metrics:
+        # Every structured run lands within +-0.5 % of base MACs of its target.
+        assert abs(m["achieved"] - m["ratio"]) <= 0.005 + 1e-9, m
+        assert abs((1 - m["macs"] / m["macs_base"]) - m["ratio"]) <= 0.005 + 1e-9
+        assert m["family"] == "structured"
+        assert set(m["seconds"]) == {"plan", "prune", "finetune", "evaluate"}
+        assert m["top1"] > 10.0 * 1.5, "fine-tuned smoke runs must beat chance (10 %)"
+
+
+def test_second_run_is_a_noop(workdir: Path, first_run: Counter) -> None:
+    assert sum(first_run.values()) > 0
+    report = workdir / "results" / "report.html"
+    before = report.stat().st_mtime
+    assert run_snakemake(workdir) == Counter()
+    assert report.stat().st_mtime == before
+
+
+def test_forcerun_finetune_reruns_only_descendants(workdir: Path, first_run: Counter) -> None:
+    assert sum(first_run.values()) > 0
+    grid = smoke_grid()
+    jobs = run_snakemake(workdir, forcerun=["finetune"])
+    assert dict(jobs) == {
+        "finetune": grid["finetune"],
+        "evaluate": grid["evaluate"],
+        "stats": 1,
+        "paper": 1,
+    }
+
+
+def test_bad_config_fails_before_any_job_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune:\n  epochs: -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-n"]
+        + ["--configfile", str(SMOKE), str(bad)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "config error" in line]
+    assert errors == ["config error at 'finetune.epochs': -1 is less than the minimum of 0"]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results").exists()
