@@ -3,8 +3,8 @@
 Usage:
     python benchmarks/bench_pipeline.py [--configfile config/smoke.yaml] [--cores 2] [--keep DIR]
 
-The cold run starts from an empty working directory, so it includes training the base models. This is a
-benchmark that prints numbers, not a test: it asserts nothing about time.
+The cold run starts from an empty working directory, so it includes training the base models. It is
+a benchmark that prints numbers, not a test: it asserts nothing about time.
 """
 
 from __future__ import annotations

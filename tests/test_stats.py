@@ -31,8 +31,9 @@ from agentprune.stats import (  # noqa: E402
 
 DATASET, MODEL = "digits", "resnet_tiny"
 RATIOS = (0.3, 0.5)
-# method -> (family, top1 offset): "agent" is clearly better, the other two are close.
-METHODS = {"agent": ("structured", 5.0), "l1": ("structured", 0.0), "wanda": ("unstructured", 0.3)}
+# method -> (family, top1 offset): "agent" is clearly better, the other two are close. All are
+# structured here so that every pair is compared; test_compare_never_pairs_families mixes them.
+METHODS = {"agent": ("structured", 5.0), "l1": ("structured", 0.0), "wanda": ("structured", 0.3)}
 SEEDS = (0, 1, 2, 3, 4)
 
 
@@ -423,3 +424,14 @@ def test_write_stats_empty_comparisons_have_header(tmp_path: Path) -> None:
     header = written["comparisons"].read_text().splitlines()
     assert header == [",".join(COMPARE_COLUMNS)]
     assert len(pd.read_csv(written["runs"])) == 1
+
+
+def test_compare_never_pairs_families(runs: pd.DataFrame) -> None:
+    """At the same ratio, a structured (MACs) and an unstructured (sparsity) run are not paired."""
+    mixed = runs.copy()
+    mixed.loc[mixed["method"] == "wanda", "family"] = "unstructured"
+    result = compare(mixed)
+    crosses = (result["method_a"] == "wanda") | (result["method_b"] == "wanda")
+    assert not crosses.any()
+    assert set(result["family"]) == {"structured"}
+    assert len(result) == len(RATIOS)  # only agent vs l1 remains at each ratio

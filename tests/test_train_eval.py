@@ -204,3 +204,13 @@ def test_sparsity_of_a_dense_timm_model():
     result = evaluate.sparsity(make_model("vit"))
     assert result["sparsity"] == 0.0
     assert 0.0 <= result["sparsity_overall"] < 0.05  # zero-initialised biases only
+
+
+def test_digits_arrays_equal_sklearn_load_digits():
+    """The fast CSV reader returns exactly what sklearn.datasets.load_digits returns."""
+    from sklearn.datasets import load_digits
+
+    images, labels = data.digits_arrays()
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)

@@ -9,6 +9,8 @@ run-level randomness (shuffling, calibration subsets) is seeded from the run's s
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,28 +53,48 @@ def num_classes(cfg: dict[str, Any]) -> int:
     return NUM_CLASSES[cfg["name"]]
 
 
-def _stratified_split(
+def stratified_split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+    """Deterministic stratified train/val/test indices: each class is split in the same proportions.
 
-    idx = np.arange(len(labels))
-    rest, test = train_test_split(
-        idx, test_size=test_fraction, stratify=labels, random_state=seed, shuffle=True
-    )
-    val_of_rest = val_fraction / (1.0 - test_fraction)
-    train, val = train_test_split(
-        rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed, shuffle=True
-    )
-    return np.sort(train), np.sort(val), np.sort(test)
+    Per class, a permutation seeded from ``seed`` assigns ``round(n * test_fraction)`` examples to
+    test, ``round(n * val_fraction)`` to val and the rest to train.
+    """
+    rng = np.random.default_rng(seed)
+    parts: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_test = int(round(len(members) * test_fraction))
+        n_val = int(round(len(members) * val_fraction))
+        parts[2].append(members[:n_test])
+        parts[1].append(members[n_test : n_test + n_val])
+        parts[0].append(members[n_test + n_val :])
+    train, val, test = (np.sort(np.concatenate(p)) for p in parts)
+    return train, val, test
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's bundled digits as (images [n, 8, 8] in 0..16, labels [n]).
+
+    Reads the CSV that scikit-learn ships (what ``sklearn.datasets.load_digits`` reads) without
+    importing ``sklearn.datasets``, whose imports cost about a second in every pipeline job.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if csv is None or not csv.is_file():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return np.asarray(bunch.images), np.asarray(bunch.target, dtype=np.int64)
+    table = np.loadtxt(csv, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
 def _digits(cfg: dict[str, Any]) -> Splits:
     """sklearn's bundled 8x8 digits, upsampled bilinearly to ``img_size`` and replicated to RGB."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    pixels, labels = digits_arrays()
+    images = torch.as_tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0
     size = int(cfg["img_size"])
     images = torch.nn.functional.interpolate(
         images, size=(size, size), mode="bilinear", align_corners=False
@@ -81,8 +103,7 @@ def _digits(cfg: dict[str, Any]) -> Splits:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     images = (images - mean) / std
-    labels = np.asarray(bunch.target, dtype=np.int64)
-    train, val, test = _stratified_split(
+    train, val, test = stratified_split(
         labels, cfg["val_fraction"], cfg["test_fraction"], int(cfg["split_seed"])
     )
     full = TensorDataset(images, torch.as_tensor(labels))
@@ -224,7 +245,7 @@ def describe(cfg: dict[str, Any], splits: Splits) -> dict[str, Any]:
     test = splits.test
     if isinstance(test, Subset):
         digest = np.asarray(test.indices, dtype=np.int64)
-        out["test_indices_sha1"] = __import__("hashlib").sha1(digest.tobytes()).hexdigest()
+        out["test_indices_sha1"] = hashlib.sha1(digest.tobytes()).hexdigest()
     return out
 
 

@@ -32,7 +32,8 @@ RUN_KEYS = ("dataset", "model", "method", "ratio", "seed")
 
 SORT_KEYS = ["dataset", "model", "ratio", "method", "seed"]
 GROUP_KEYS = ["dataset", "model", "family", "ratio", "method"]
-PAIR_KEYS = ["dataset", "model", "ratio"]
+# A ratio is MACs removed (structured) or sparsity (unstructured): never pair across families.
+PAIR_KEYS = ["dataset", "model", "family", "ratio"]
 
 SUMMARY_METRICS = (
     "top1",
@@ -60,6 +61,7 @@ SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high", "ci_half")
 COMPARE_COLUMNS = [
     "dataset",
     "model",
+    "family",
     "ratio",
     "metric",
     "method_a",
@@ -253,14 +255,14 @@ def _paired_tests(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 def compare(runs: pd.DataFrame, metric: str = "top1", alpha: float = 0.05) -> pd.DataFrame:
-    """Paired comparisons of every pair of methods at each (dataset, model, ratio).
+    """Paired comparisons of every pair of methods at each (dataset, model, family, ratio).
 
     Methods are paired over the seeds where both have a non-NaN ``metric``; ``method_a`` sorts
     before ``method_b`` and ``mean_diff`` is ``a - b``. Tests: ``scipy.stats.ttest_rel`` (NaN with
     fewer than two pairs or zero spread of the differences), ``scipy.stats.wilcoxon`` two-sided
     (NaN with fewer than three pairs or all differences zero) and ``cohens_d`` = paired ``d_z`` =
     ``mean(diff) / std(diff, ddof=1)`` (NaN when undefined). ``t_p_holm`` and ``wilcoxon_p_holm``
-    are Holm-adjusted within each (dataset, model, ratio, metric) family (see :func:`holm`);
+    are Holm-adjusted within each (dataset, model, family, ratio, metric) family (see :func:`holm`);
     ``significant`` is ``t_p_holm < alpha``.
 
     Args:

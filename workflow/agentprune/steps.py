@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from agentprune import data, models, train
-from agentprune import evaluate as ev
 from agentprune.pruning import methods
+
+# torch, timm and the data sets are imported inside the steps that use them: the plan step and the
+# Snakefile's config check then start in a fraction of a second.
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -44,6 +43,8 @@ def write_json(path: str | Path, obj: Any) -> None:
 def logged(log: str | Path | None, threads: int | None = None) -> Iterator[None]:
     """Send stdout/stderr (tqdm included) to ``log`` and pin torch's thread count."""
     if threads:
+        import torch
+
         torch.set_num_threads(int(threads))
     if not log:
         yield
@@ -71,6 +72,8 @@ def model_config(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _num_classes(config: dict[str, Any]) -> int:
+    from agentprune import data
+
     return data.num_classes(config["dataset"])
 
 
@@ -81,6 +84,8 @@ def _print(msg: str) -> None:
 def prepare_dataset(config: dict[str, Any], out_json: str | Path) -> dict[str, Any]:
     """The download step for data: fetch (where the data set is downloadable) and describe the
     splits."""
+    from agentprune import data
+
     splits = data.load_splits(config["dataset"], download=True)
     desc = data.describe(config["dataset"], splits)
     write_json(out_json, desc)
@@ -94,9 +99,15 @@ def base_model(
 
     Writes ``<out_stem>.safetensors``/``.json`` and the base ``metrics.json`` (test accuracy, MACs).
     """
+    from agentprune import data, models, train
+    from agentprune import evaluate as ev
+
     entry = model_config(config, model_name)
     splits = data.load_splits(config["dataset"])
     num_classes = _num_classes(config)
+    hp = {**config["base_training"], **(entry.get("train") or {})}
+    # Weight initialisation draws from torch's global generator: seed before creating the model.
+    train.seed_everything(int(hp.get("seed", 0)))
     start = time.perf_counter()
     model = models.create(
         entry["timm"],
@@ -107,7 +118,6 @@ def base_model(
     )
     report: dict[str, Any] = {"pretrained": bool(entry.get("pretrained"))}
     if not entry.get("pretrained"):
-        hp = {**config["base_training"], **(entry.get("train") or {})}
         cfg = train.TrainConfig.from_config(hp)
         if cfg.epochs > 0:  # epochs 0: keep the initial weights (structural runs)
             report["train"] = train.train(
@@ -138,7 +148,7 @@ def base_model(
 
 def profile(config: dict[str, Any], base_stem: str | Path, out_json: str | Path) -> dict[str, Any]:
     """The profile step: MACs breakdown, groups, sensitivity and safety bounds of the base model."""
-    from agentprune import profiling
+    from agentprune import data, models, profiling
 
     model, _ = models.load(base_stem)
     splits = data.load_splits(config["dataset"])
@@ -185,6 +195,8 @@ def prune(
     report_json: str | Path,
 ) -> dict[str, Any]:
     """The prune step: carry ``plan.json`` out on the base model, check it, save it pickle-free."""
+    from agentprune import data, models, train
+
     plan_doc = read_json(plan_json)
     seed = int(plan_doc["seed"])
     train.seed_everything(seed)
@@ -223,6 +235,8 @@ def finetune(
     report_json: str | Path,
 ) -> dict[str, Any]:
     """The finetune step: short recovery training, optionally distilled from the base model."""
+    from agentprune import data, models, train
+
     plan_doc = read_json(plan_json)
     seed = int(plan_doc["seed"])
     strategy = methods.get(plan_doc["method"])
@@ -257,6 +271,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """The evaluate step: test-split accuracy before and after fine-tuning, size, speed ->
     metrics.json."""
+    from agentprune import data, models
+    from agentprune import evaluate as ev
+
     start = time.perf_counter()
     plan_doc = read_json(plan_json)
     base = read_json(base_metrics_json)

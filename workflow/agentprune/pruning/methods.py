@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+from agentprune.pruning.settings import PrunerSettings
 
-from agentprune.pruning import structured
+if TYPE_CHECKING:  # torch stays out of planning and config checks, which need none of it
+    import torch
+    from torch import nn
 
 REGISTRY: dict[str, Method] = {}
 
@@ -120,7 +121,7 @@ class StructuredRecipe(Method):
     def plan(self, target, profile, overrides, context):
         start = time.perf_counter()
         prune_cfg = context["config"]["prune"]
-        settings = structured.PrunerSettings.from_dict(
+        settings = PrunerSettings.from_dict(
             {
                 "calibration_batches": int(prune_cfg["calibration_batches"]),
                 **self.recipe,
@@ -145,7 +146,9 @@ class StructuredRecipe(Method):
         }
 
     def prune(self, base, plan, example_inputs, calibration, seed, prune_cfg):
-        settings = structured.PrunerSettings.from_dict(plan["pruner"])
+        from agentprune.pruning import structured
+
+        settings = PrunerSettings.from_dict(plan["pruner"])
         return structured.prune_to_target(
             base,
             settings,
