@@ -2,7 +2,7 @@
 
 from agentprune import steps
 
-with steps.logged(snakemake.log[0], snakemake.threads):
+with steps.logged(snakemake.log[0]):
     steps.plan(
         snakemake.config,
         snakemake.wildcards.method,

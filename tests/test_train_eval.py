@@ -214,3 +214,15 @@ def test_digits_arrays_equal_sklearn_load_digits():
     bunch = load_digits()
     np.testing.assert_array_equal(images, bunch.images)
     np.testing.assert_array_equal(labels, bunch.target)
+
+
+def test_evaluate_model_reuses_known_size_and_checks_params():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    xs = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    test_set = TensorDataset(xs, torch.arange(8) % 10)
+    cfg = {"batch_size": 4, "throughput_batch": 2, "warmup": 1, "repeats": 1}
+    params = sum(p.numel() for p in model.parameters())
+    out = evaluate.evaluate_model(model, test_set, 4, cfg, known_size=(12345, params))
+    assert out["macs"] == 12345 and out["params"] == params
+    with pytest.raises(ValueError, match="architecture changed"):
+        evaluate.evaluate_model(model, test_set, 4, cfg, known_size=(12345, params + 1))

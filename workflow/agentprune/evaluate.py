@@ -120,12 +120,38 @@ def timing(
 
 
 def evaluate_model(
-    model: nn.Module, test_set: Dataset, img_size: int, cfg: dict[str, Any]
+    model: nn.Module,
+    test_set: Dataset,
+    img_size: int,
+    cfg: dict[str, Any],
+    known_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Everything a run reports about one model: accuracy, size, sparsity, speed."""
+    """Everything a run reports about one model: accuracy, size, sparsity, speed.
+
+    Args:
+        model: the model.
+        test_set: the held-out split.
+        img_size: input side.
+        cfg: the ``evaluate`` config section.
+        known_size: (MACs, params) already counted with Torch-Pruning on this architecture (by the
+            prune step). Fine-tuning cannot change shapes, so the MACs are reused; the parameter
+            count is re-checked. None: count both here.
+
+    Raises:
+        ValueError: if the model's parameter count differs from ``known_size``.
+    """
     out: dict[str, Any] = dict(accuracy(model, test_set, int(cfg.get("batch_size", 256))))
-    macs, params = macs_params(model, img_size)
-    out.update(macs=macs, params=params)
+    if known_size is None:
+        macs, params = macs_params(model, img_size)
+    else:
+        macs, params = known_size
+        counted = sum(p.numel() for p in model.parameters())
+        if counted != params:
+            raise ValueError(
+                f"model has {counted} parameters but the prune step counted {params}: "
+                "its architecture changed after pruning"
+            )
+    out.update(macs=int(macs), params=int(params))
     out.update(sparsity(model))
     out.update(
         timing(

@@ -285,7 +285,12 @@ def evaluate(
     before = ev.accuracy(pruned, splits.test, int(cfg["batch_size"]))
     del pruned
     finetuned, _ = models.load(finetuned_stem)
-    after = ev.evaluate_model(finetuned, splits.test, splits.img_size, cfg)
+    known = (
+        (int(prune_report["macs"]), int(prune_report["params"]))
+        if "macs" in prune_report and "params" in prune_report
+        else None
+    )
+    after = ev.evaluate_model(finetuned, splits.test, splits.img_size, cfg, known)
     strategy = methods.get(plan_doc["method"])
     provenance = plan_doc.get("provenance", {})
     exchanges = provenance.get("exchanges", [])

@@ -89,7 +89,11 @@ class Method:
         seed: int,
         prune_cfg: dict[str, Any],
     ) -> tuple[nn.Module, dict[str, Any]]:
-        """Carry ``plan`` out on a copy of ``base``; return the pruned model and a report."""
+        """Carry ``plan`` out on a copy of ``base``; return the pruned model and a report.
+
+        The report should hold ``macs`` and ``params`` of the pruned model (counted with
+        ``tp.utils.count_ops_and_params``); the evaluate step reuses them.
+        """
         raise NotImplementedError
 
     def masks(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
