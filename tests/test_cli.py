@@ -8,17 +8,13 @@ name), so a whole run takes seconds on a CPU.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from agentprune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ROOT / "workflow"
-if str(WORKFLOW) not in sys.path:
-    sys.path.insert(0, str(WORKFLOW))
 
-from agentprune.cli import main  # noqa: E402
 
 TINY = [
     "--model",

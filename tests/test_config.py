@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ROOT / "workflow"
-if str(WORKFLOW) not in sys.path:
-    sys.path.insert(0, str(WORKFLOW))
-
-from agentprune.config import (  # noqa: E402
+from agentprune.config import (
     SCHEMA_PATH,
     ConfigError,
     check_config,
@@ -24,6 +17,9 @@ from agentprune.config import (  # noqa: E402
     merge,
     with_defaults,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 CONFIG = ROOT / "config" / "config.yaml"
 SMOKE = ROOT / "config" / "smoke.yaml"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 from itertools import combinations
 from pathlib import Path
 
@@ -12,15 +11,14 @@ import jinja2
 import numpy as np
 import pandas as pd
 import pytest
+from agentprune import paper
+from agentprune.stats import SUMMARY_METRICS
 from scipy import stats as sps
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "workflow"
 TEMPLATES = WORKFLOW / "templates"
-if str(WORKFLOW) not in sys.path:
-    sys.path.insert(0, str(WORKFLOW))
 
-from agentprune import paper  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODELS = {  # label: (macs_base, params_base, top1_base)
@@ -30,25 +28,6 @@ MODELS = {  # label: (macs_base, params_base, top1_base)
 RATIOS = (0.3, 0.5)
 METHODS = {"isomorphic": "structured", "l1_norm": "structured", "magnitude": "unstructured"}
 GROUP = ["dataset", "model", "family", "ratio", "method"]
-METRICS = (
-    "top1",
-    "top5",
-    "loss",
-    "top1_pruned",
-    "macs",
-    "params",
-    "macs_base",
-    "params_base",
-    "top1_base",
-    "achieved",
-    "sparsity",
-    "latency_ms",
-    "throughput",
-    "seconds_plan",
-    "seconds_prune",
-    "seconds_finetune",
-    "seconds_evaluate",
-)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -108,7 +87,7 @@ def make_summary(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for keys, group in runs.groupby(GROUP, sort=True):
         row = dict(zip(GROUP, keys)) | {"n": len(group)}
-        for metric in (m for m in METRICS if m in runs.columns):
+        for metric in (m for m in SUMMARY_METRICS if m in runs.columns):
             values = group[metric]
             mean, half = float(values.mean()), _ci_half(values)
             std = float(values.std(ddof=1)) if len(values) > 1 else math.nan

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import warnings
 from itertools import combinations
 from pathlib import Path
@@ -12,13 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats as sps
-
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflow"
-if str(WORKFLOW) not in sys.path:
-    sys.path.insert(0, str(WORKFLOW))
-
-from agentprune.stats import (  # noqa: E402
+from agentprune.stats import (
     COMPARE_COLUMNS,
     SUMMARY_METRICS,
     SUMMARY_STATS,
@@ -28,6 +21,7 @@ from agentprune.stats import (  # noqa: E402
     summarize,
     write_stats,
 )
+from scipy import stats as sps
 
 DATASET, MODEL = "digits", "resnet_tiny"
 RATIOS = (0.3, 0.5)
