@@ -1,10 +1,9 @@
 """Data sets, deterministic splits, calibration subsets and loaders.
 
 Every data set is exposed as three splits (train / val / test). The split itself is a property of
-the data
-set (seeded by ``dataset.split_seed``) so that every run of a study is evaluated on the same test
-images;
-run-level randomness (shuffling, calibration subsets) is seeded from the run's seed.
+the data set (seeded by ``dataset.split_seed``) so that every run of a study is evaluated on the
+same test images; run-level randomness (shuffling, calibration subsets) is seeded from the run's
+seed.
 """
 
 from __future__ import annotations

@@ -3,12 +3,10 @@
 A saved model is two files side by side:
 
 * ``<stem>.safetensors``: the state dict (tensors only, no pickle);
-* ``<stem>.json``: the structure: the timm name, the creation overrides, and, for every module
-whose shape
-  differs from the freshly created architecture, the shape-defining attributes (``in_features``,
-  ``num_heads``, ...). Loading creates the unpruned architecture, resizes every parameter and
-  buffer to the
-  shapes in the safetensors file, restores those attributes, and loads the weights strictly.
+* ``<stem>.json``: the structure: the timm name, the creation overrides, and the shape-defining
+  attributes of every module (``in_features``, ``num_heads``, ...). Loading creates the unpruned
+  architecture, resizes every parameter and buffer to the shapes in the safetensors file,
+  restores those attributes, and loads the weights strictly.
 """
 
 from __future__ import annotations
@@ -64,8 +62,7 @@ def create(
         num_classes: classifier width.
         overrides: keyword overrides passed to ``timm.create_model`` (``img_size``, ``depth``, ...).
         pretrained: download the hub weights (needs network unless they are cached or HF offline
-        mode
-            finds them locally).
+            mode finds them locally).
         pretrained_file: a local weights file used instead of the hub (timm
         ``pretrained_cfg_overlay``).
 

@@ -1,8 +1,8 @@
 """Training: base models from scratch and fine-tuning after pruning.
 
 AdamW with a linear warm-up and cosine decay, label smoothing, optional knowledge distillation from
-a teacher
-(the base model), optional weight masks that keep pruned weights at exactly zero, AMP on GPU.
+a teacher (the base model), optional weight masks that keep pruned weights at exactly zero, AMP on
+GPU.
 """
 
 from __future__ import annotations

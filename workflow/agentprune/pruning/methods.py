@@ -1,10 +1,8 @@
 """The method registry: method name -> strategy object.
 
 A method knows how to *plan* (write the ``plan.json`` decision) and how to *prune* (carry a plan
-out on a base
-model). The rest of the pipeline only calls :func:`get` and never branches on a method's name, so a
-new method
-is one class plus one ``@register`` line.
+out on a base model). The rest of the pipeline only calls :func:`get` and never branches on a
+method's name, so a new method is one class plus one ``@register`` line.
 """
 
 from __future__ import annotations
@@ -56,8 +54,7 @@ class Method:
     Attributes:
         name: the registry key and the ``{method}`` wildcard.
         family: ``structured`` (the ratio is the fraction of MACs removed) or ``unstructured`` (the
-        ratio
-            is the sparsity of the prunable weights).
+            ratio is the sparsity of the prunable weights).
     """
 
     name: ClassVar[str] = ""

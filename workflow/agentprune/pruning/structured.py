@@ -1,17 +1,13 @@
 """Structured pruning through Torch-Pruning: plan settings -> pruner, MACs-target search, timm
 fix-ups.
 
-The search treats the pruner's global ``pruning_ratio`` as a knob and bisects it until the fraction
-of base
-MACs removed is within ``tolerance`` of the target. Importance scores are computed once per run
-(Taylor
-gradients on the calibration batches, or magnitudes, or seeded random scores) and cached by group,
-so every
-trial of the search ranks channels identically and the MACs curve is monotone in the knob. When the
-channel granularity makes the curve jump over the tolerance window, a second, local "top-up" stage
-prunes
-a few more channels from the finest-grained layers (MLP hidden units by default) until the target
-is met.
+The search treats the pruner's global ``pruning_ratio`` as a knob. An upward scan brackets the
+target and a bisection narrows the bracket until the fraction of base MACs removed is within
+``tolerance`` of the target (:func:`search_ratio`). Importance scores are computed once per run
+(Taylor gradients on the calibration batches, magnitudes, or seeded random scores) and cached by
+group, so every trial ranks channels identically. When the channel granularity makes the MACs
+curve jump over the tolerance window, a second "top-up" search prunes a few more channels from the
+finest-grained layers (MLP hidden units by default) of the best model below the target.
 """
 
 from __future__ import annotations
@@ -48,8 +44,7 @@ class CachedImportance:
     """Wraps a Torch-Pruning importance and memoises its scores by group, keyed by module names.
 
     Every search trial prunes a fresh copy of the same base model, so the same group (by module
-    names and
-    pruning functions) recurs; its scores are computed on the first trial only.
+    names and pruning functions) recurs; its scores are computed on the first trial only.
     """
 
     def __init__(self, name: str, seed: int) -> None:
@@ -131,8 +126,7 @@ def fix_timm_attributes(model: nn.Module, num_heads: dict[nn.Module, int], resca
     """Make timm attention modules agree with their pruned ``qkv``/``proj`` shapes.
 
     timm's ``Attention.forward`` reshapes with ``num_heads``, ``head_dim`` and ``attn_dim``, so
-    these must
-    follow the pruned ``qkv``. ``scale`` keeps its trained value unless ``rescale``.
+    these must follow the pruned ``qkv``. ``scale`` keeps its trained value unless ``rescale``.
     """
     for attn in attention_modules(model):
         heads = int(num_heads.get(attn.qkv, attn.num_heads))
