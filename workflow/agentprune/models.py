@@ -121,7 +121,6 @@ def structure(
         "num_classes": num_classes,
         "overrides": dict(overrides or {}),
         "modules": module_attributes(model),
-        "param_shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
     }
 
 
