@@ -158,3 +158,31 @@ def test_target_outside_range(vit_factory, example_inputs, calib):
     settings = structured.PrunerSettings()
     with pytest.raises(structured.PruningError, match="outside"):
         structured.prune_to_target(vit_factory(), settings, 1.0, example_inputs, calib, 0)
+
+
+def curve_trial(curve):
+    """A search trial over a MACs curve ``ratio -> reduction`` (None marks an invalid trial)."""
+    tried: list[float] = []
+
+    def trial(ratio: float):
+        tried.append(ratio)
+        reduction = curve(ratio)
+        return (None, 1.0) if reduction is None else (f"model@{ratio:.4f}", reduction)
+
+    return trial, tried
+
+
+def test_search_brackets_a_curve_that_turns_back_down():
+    """Torch-Pruning skips groups past max_pruning_ratio, so the curve falls at high ratios; a
+    bisection started from the maximum would look below the target and never find it."""
+    trial, tried = curve_trial(lambda r: r if r <= 0.5 else 1.0 - r)  # peaks at 0.5
+    found = structured.search_ratio(trial, 0.42, 0.002, 0.1, 0.9, 1e-4, 30)
+    assert abs(found.reduction - 0.42) <= 0.002
+    assert max(tried) <= 0.5 + 1e-9  # the scan stopped at the first bracket
+
+
+def test_search_treats_invalid_trials_as_overshoot():
+    trial, _ = curve_trial(lambda r: r if r < 0.25 else None)
+    found = structured.search_ratio(trial, 0.3, 0.001, 0.1, 0.4, 1e-3, 10)
+    assert found.reduction < 0.25 and found.model == found.under_model
+    assert found.error(0.3) > 0.001  # nothing valid reaches the target

@@ -409,8 +409,6 @@ def prune_to_target(
             resolution,
             max_steps,
         )
-        if found.model is None and found.under_model is None:
-            raise PruningError(f"no valid pruning found for target {target}")
         if found.error(target) > tolerance:
             # The channel granularity jumps over the window: top up from the best model below it.
             start_model = found.under_model or base
@@ -423,11 +421,18 @@ def prune_to_target(
                     found = topup
         if found.model is None:
             raise PruningError(f"no valid pruning found for target {target}")
-        if found.error(target) > tolerance and found.reduction < target - tolerance:
+        if found.error(target) > tolerance:
+            # A run off its target is no data point for the study: fail instead of saving it.
             best = max((t.get("achieved", 0.0) for t in trials), default=0.0)
+            if found.reduction < target:
+                raise PruningError(
+                    f"no ratio up to max_pruning_ratio={settings.max_pruning_ratio} removes "
+                    f"{target} of MACs (best {best:.3f}); raise max_pruning_ratio or lower the "
+                    "target"
+                )
             raise PruningError(
-                f"no ratio up to max_pruning_ratio={settings.max_pruning_ratio} removes {target} "
-                f"of MACs (best {best:.3f}); raise max_pruning_ratio or lower the target"
+                f"closest pruning removes {found.reduction:.4f} of MACs, outside {target} ± "
+                f"{tolerance}; set a finer round_to or topup_scopes, or a wider prune.tolerance"
             )
         model = found.model
     model.zero_grad(set_to_none=True)
