@@ -40,7 +40,7 @@ include: "rules/paper.smk"
 
 rule all:
     input:
-        paper_outputs(),
+        report_outputs(),
     default_target: True
 
 

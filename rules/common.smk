@@ -43,6 +43,18 @@ def model_entry(name):
     raise ValueError(f"model {name!r} is not in config.models")
 
 
+def method_uses_agents(name):
+    """Whether the registered method plans with the LLM agents (from the registry, not the name)."""
+    from agentprune.pruning import methods
+
+    return methods.get(name).uses_agents
+
+
+def agent_methods():
+    """The configured methods whose plans carry an agent transcript."""
+    return [m for m in config["methods"] if method_uses_agents(m)]
+
+
 def all_metrics():
     """Every run's metrics.json in the grid."""
     return expand(
@@ -68,15 +80,32 @@ def paper_outputs():
     ]
 
 
+def transcripts():
+    """The HTML transcript of every agent-planned run (category Agents of the report)."""
+    return expand(
+        RUN + "/transcript.html",
+        dataset=DATASET,
+        model=MODELS,
+        method=agent_methods(),
+        ratio=RATIOS,
+        seed=config["seeds"],
+    )
+
+
+def report_outputs():
+    """Everything the HTML report shows: the paper's tables and figures and the transcripts."""
+    return paper_outputs() + transcripts()
+
+
 def render_report(cfg):
-    """Write REPORT with `snakemake --report` after a successful run, when the paper is newer.
+    """Write REPORT with `snakemake --report` after a successful run, when its inputs are newer.
 
     Runs in the onsuccess handler so that the main command leaves a self-contained report behind. The
     merged config is passed as a file so that --configfile/--config overrides carry over.
     """
     if os.environ.get("AGENTPRUNE_IN_REPORT"):
         return
-    outputs = [Path(p) for p in paper_outputs()]
+    outputs = [Path(p) for p in report_outputs()]
     if not all(p.exists() for p in outputs):
         return
     report_path = Path(REPORT)

@@ -4,11 +4,15 @@
 rule plan:
     input:
         profile=RESULTS + "/{dataset}/{model}/profile.json",
+        # Read only by planners that run trials (the agents); the recipes ignore it.
+        weights=BASE + "/model.safetensors",
+        structure=BASE + "/model.json",
     output:
         RUN + "/plan.json",
     params:
         settings=lambda wc: config["method_settings"].get(wc.method, {}),
         prune=config["prune"],
+        agents=lambda wc: config["agents"] if method_uses_agents(wc.method) else {},
     log:
         LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/plan.log",
     benchmark:
@@ -34,3 +38,20 @@ rule prune:
     threads: 1
     script:
         "../scripts/prune.py"
+
+
+rule transcript:
+    input:
+        plan=RUN + "/plan.json",
+    output:
+        report(
+            RUN + "/transcript.html",
+            caption="../workflow/report/transcript.rst",
+            category="Agents",
+            subcategory="{model}",
+            labels={"model": "{model}", "method": "{method}", "ratio": "{ratio}", "seed": "{seed}"},
+        ),
+    log:
+        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/transcript.log",
+    script:
+        "../scripts/transcript.py"

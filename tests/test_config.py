@@ -54,7 +54,8 @@ def test_smoke_config_passes(base: dict) -> None:
 def test_load_config_merges_in_order() -> None:
     cfg = load_config(CONFIG, SMOKE, overrides={"finetune": {"epochs": 2}})
     assert cfg["finetune"]["epochs"] == 2
-    assert cfg["methods"] == ["isomorphic", "magnitude_l2"]
+    assert cfg["methods"] == ["multi_agent", "isomorphic", "magnitude_l2"]
+    assert cfg["agents"]["backend"] == "heuristic" and cfg["agents"]["timeout_s"] == 60
     assert cfg["evaluate"]["repeats"] == 3
     assert cfg["evaluate"]["batch_size"] == 256
     assert cfg["models"][0]["pretrained_file"] is None  # item defaults filled
@@ -226,8 +227,10 @@ def test_snakemake_validate_rejects_typo(base: dict) -> None:
 # Keys without a default on purpose: required keys, and keys whose absence means "inherit".
 NO_DEFAULT = {"models.*.name", "models.*.timm", "models.*.train.*", "paper.references.*.model"}
 NO_DEFAULT |= {"paper.references.*.label", "paper.references.*.dataset"}
+NO_DEFAULT |= {"agents.bounds.*.match", "agents.bounds.*.max_ratio", "agents.bounds.*.max_ratio.*"}
 # Free-form objects (checked elsewhere or by later issues).
-FREE_FORM = {"models.*.overrides", "method_settings", "method_settings.*", "agents", "icbs"}
+FREE_FORM = {"models.*.overrides", "method_settings", "method_settings.*", "icbs"}
+FREE_FORM |= {"agents.bounds.*.max_ratio"}
 
 
 def _properties(schema: dict, path: str = "") -> list[tuple[str, dict]]:

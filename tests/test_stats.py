@@ -71,6 +71,8 @@ def _metrics(method: str, ratio: float, seed: int, rng: np.random.Generator) -> 
             "llm_calls": 3 if method == "agent" else 0,
             "prompt_tokens": 1200 if method == "agent" else 0,
             "completion_tokens": 300 if method == "agent" else 0,
+            "trials": 2 if method == "agent" else 0,
+            "fallbacks": 0,
             "seconds": 0.5 if method == "agent" else 0.0,
         },
     }

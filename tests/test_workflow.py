@@ -31,10 +31,13 @@ RULE_OF_OUTPUT = {
     "metrics.json": "evaluate",
     "runs.csv": "stats",
     "results.md": "paper",
+    "transcript.html": "transcript",
 }
 
 
-def run_snakemake(workdir: Path, forcerun: list[str] | None = None) -> Counter:
+def run_snakemake(
+    workdir: Path, forcerun: list[str] | None = None, overrides: dict | None = None
+) -> Counter:
     """Run the workflow with the Snakemake API; return the number of jobs per rule."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (
@@ -48,7 +51,7 @@ def run_snakemake(workdir: Path, forcerun: list[str] | None = None) -> Counter:
     with SnakemakeApi(OutputSettings()) as api:
         workflow = api.workflow(
             resource_settings=ResourceSettings(cores=2),
-            config_settings=ConfigSettings(configfiles=[SMOKE]),
+            config_settings=ConfigSettings(configfiles=[SMOKE], config=overrides or {}),
             snakefile=ROOT / "Snakefile",
             workdir=workdir,
         )
@@ -70,6 +73,7 @@ def smoke_grid() -> dict[str, int]:
     """Jobs per rule the smoke grid implies."""
     cfg = yaml.safe_load(SMOKE.read_text())
     runs = len(cfg["models"]) * len(cfg["ratios"]) * len(cfg["seeds"]) * len(cfg["methods"])
+    agent_runs = runs // len(cfg["methods"]) * cfg["methods"].count("multi_agent")
     return {
         "download_data": 1,
         "download_model": len(cfg["models"]),
@@ -78,6 +82,7 @@ def smoke_grid() -> dict[str, int]:
         "prune": runs,
         "finetune": runs,
         "evaluate": runs,
+        "transcript": agent_runs,
         "stats": 1,
         "paper": 1,
     }
@@ -149,3 +154,65 @@ def test_bad_config_fails_before_any_job_with_one_line(tmp_path: Path) -> None:
     assert errors == ["config error at 'finetune.epochs': -1 is less than the minimum of 0"]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_no_api_key_reaches_any_artifact_or_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multi_agent run against an OpenAI-compatible server (scripted, answering every agent
+    with a schema-valid decision) leaves no trace of the API key in results/ or .snakemake/."""
+    import secrets
+
+    from fault_server import FaultServer, Step
+
+    key = "sk-test-" + secrets.token_hex(16)
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    answers = {
+        "profiling": {"risks": [], "protect": []},
+        "master": {
+            "action": "continue",
+            "strategy": {
+                "importance": "taylor",
+                "grouping": "global",
+                "heads": 0.0,
+                "allocation": None,
+                "round_to": 1,
+                "calibration_batches": 2,
+            },
+            "rationale": "global taylor",
+        },
+        "fine-tuning": {"lr": 0.001, "steps": 5, "rationale": "short"},
+        "evaluation": {"acceptable": True, "assessment": "ok"},
+    }
+
+    def answer(body: dict, headers: dict) -> Step:
+        system = body["messages"][0]["content"]
+        agent = next(a for a in answers if f"the {a} agent" in system)
+        return Step(json.dumps(answers[agent]))
+
+    server = FaultServer(default=answer)
+    try:
+        jobs = run_snakemake(
+            tmp_path,
+            overrides={
+                "methods": ["multi_agent"],
+                "seeds": [0],
+                "agents": {
+                    "backend": "openai",
+                    "model": "scripted",
+                    "base_url": server.url,
+                    "max_iterations": 1,
+                },
+            },
+        )
+    finally:
+        server.close()
+    assert jobs["plan"] == 1 and jobs["transcript"] == 1
+    # The key did travel to the server: the check below can fail.
+    assert any(h.get("authorization") == f"Bearer {key}" for h in server.headers)
+    plan = json.loads(next(tmp_path.glob("results/digits/*/multi_agent/*/*/plan.json")).read_text())
+    assert plan["provenance"]["exchanges"] and plan["provenance"]["fallbacks"] == []
+    files = [p for d in ("results", ".snakemake") for p in (tmp_path / d).rglob("*") if p.is_file()]
+    assert len(files) > 20
+    leaks = [str(p) for p in files if key.encode() in p.read_bytes()]
+    assert leaks == []

@@ -111,6 +111,21 @@ def _semantic_check(config: Mapping[str, Any]) -> None:
             "dataset.val_fraction",
             f"val_fraction + test_fraction = {total:g} leaves no training data (must be < 1)",
         )
+    agents = config["agents"]
+    if agents["backend"] == "openai" and not agents["model"]:
+        raise _fail("agents.model", "the openai backend needs the served model's name")
+    recovery = agents["recovery"]
+    if not recovery["lr_min"] <= recovery["lr"] <= recovery["lr_max"]:
+        raise _fail(
+            "agents.recovery.lr",
+            f"{recovery['lr']} is outside [lr_min, lr_max] = "
+            f"[{recovery['lr_min']}, {recovery['lr_max']}]",
+        )
+    if recovery["steps"] > recovery["max_steps"]:
+        raise _fail(
+            "agents.recovery.steps",
+            f"{recovery['steps']} exceeds agents.recovery.max_steps ({recovery['max_steps']})",
+        )
     profile = config["profile"]
     if profile["bound_floor"] >= profile["bound_ceiling"]:
         raise _fail(
@@ -239,3 +254,13 @@ def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
         config = merge(config, overrides)
     check_config(config)
     return with_defaults(config)
+
+
+def agents_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``agents`` section with its defaults, and ``cache_dir`` resolved under ``results``."""
+    filled = with_defaults({"agents": dict(config.get("agents") or {})})["agents"]
+    if filled["cache"] is False:  # YAML 1.1 reads a bare `off` as false
+        filled["cache"] = "off"
+    if not filled["cache_dir"]:
+        filled["cache_dir"] = str(Path(config.get("results", "results")) / "llm_cache")
+    return filled

@@ -49,6 +49,7 @@ ROW_KEYS = (
     "macs",
     "params",
     "top1",
+    "planning",
     "delta_base",
     "delta_ref",
     "n",
@@ -143,6 +144,21 @@ def fmt_pvalue(value: Any) -> str:
     if _missing(value):
         return "–"
     return "<0.001" if float(value) < 0.001 else f"{float(value):.3f}"
+
+
+def fmt_planning(record: Mapping[str, Any]) -> str:
+    """Mean planning cost per run: trial prunes, LLM calls and seconds; a dash for fixed recipes
+    (no trials, no calls), so the table shows what multi-agent planning spends that the
+    baselines do not."""
+    trials = record.get("planning_trials_mean")
+    calls = record.get("planning_llm_calls_mean")
+    seconds = record.get("seconds_plan_mean")
+    if (_missing(trials) or not trials) and (_missing(calls) or not calls):
+        return "–"
+    parts = [f"{float(trials):.3g} trials" if not _missing(trials) else ""]
+    parts.append(f"{float(calls):.3g} calls" if not _missing(calls) else "")
+    parts.append(f"{float(seconds):.3g} s" if not _missing(seconds) else "")
+    return ", ".join(p for p in parts if p)
 
 
 def fmt_ratio(value: Any) -> str:
@@ -259,6 +275,7 @@ def _method_row(record: Mapping[str, Any], scale: float) -> dict[str, Any]:
         delta_ref=fmt_delta(record["delta_ref"]),
         n="" if _missing(n) else str(int(n)),
         top1_pruned=fmt_mean_ci(record.get("top1_pruned_mean"), record.get("top1_pruned_ci_half")),
+        planning=fmt_planning(record),
         top1_mean=float(top1),
         delta_base_value=delta_base,
         delta_ref_value=float(record["delta_ref"]),

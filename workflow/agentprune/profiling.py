@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agentprune.pruning import structured
+from agentprune.pruning.settings import GROUP_KINDS
 
 # Module-name globs per breakdown kind, first match wins. Names follow timm's ViT/DeiT/ConvNeXt.
 BREAKDOWN_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -25,13 +26,6 @@ BREAKDOWN_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("classifier", ("head", "head.fc", "head_dist", "fc", "classifier")),
     ("embedding", ("patch_embed.proj",)),
     ("conv_stages", ("stem.*", "stages.*")),
-)
-# Group kinds ranked by the sensitivity analysis, identified by the group's root module name.
-GROUP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("*attn.qkv",)),
-    ("mlp", ("*mlp.fc1",)),
-    ("residual", ("patch_embed.proj", "stem.*", "stages.*.downsample.*")),
-    ("conv", ("*conv*",)),
 )
 
 

@@ -53,6 +53,11 @@ SUMMARY_METRICS = (
     "seconds_prune",
     "seconds_finetune",
     "seconds_evaluate",
+    "planning_llm_calls",
+    "planning_prompt_tokens",
+    "planning_completion_tokens",
+    "planning_trials",
+    "planning_fallbacks",
 )
 """Metrics summarised by :func:`summarize` (those present in the runs)."""
 

@@ -169,8 +169,14 @@ def plan(
     seed: int,
     profile_json: str | Path,
     out_json: str | Path,
+    base_stem: str | Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """The plan step: ask the method's planner for a decision and write ``plan.json``."""
+    """The plan step: ask the method's planner for a decision and write ``plan.json``.
+
+    ``base_stem`` and ``threads`` serve planners that run trials on the base model (the agents);
+    the fixed recipes read neither and stay torch-free.
+    """
     strategy = methods.get(method)
     result = strategy.plan(
         float(ratio),
@@ -181,6 +187,8 @@ def plan(
             "model": model_name,
             "seed": int(seed),
             "config": config,
+            "base_stem": None if base_stem is None else str(base_stem),
+            "threads": threads,
         },
     )
     write_json(out_json, result)
@@ -258,6 +266,25 @@ def finetune(
     return report
 
 
+def planning_cost(provenance: dict[str, Any]) -> dict[str, Any]:
+    """What planning cost a run: real LLM calls (cache replays and the heuristic policy are not
+    calls), their tokens, trial prunes, seconds and fallbacks."""
+    calls = [
+        e
+        for e in provenance.get("exchanges", [])
+        if not e.get("cached") and e.get("backend") not in (None, "heuristic")
+    ]
+    return {
+        "backend": provenance.get("backend"),
+        "llm_calls": len(calls),
+        "prompt_tokens": sum(int(e.get("prompt_tokens") or 0) for e in calls),
+        "completion_tokens": sum(int(e.get("completion_tokens") or 0) for e in calls),
+        "trials": len(provenance.get("trials", [])),
+        "seconds": float(provenance.get("planning_seconds", 0.0)),
+        "fallbacks": len(provenance.get("fallbacks", [])),
+    }
+
+
 def evaluate(
     config: dict[str, Any],
     identity: dict[str, Any],
@@ -293,7 +320,6 @@ def evaluate(
     after = ev.evaluate_model(finetuned, splits.test, splits.img_size, cfg, known)
     strategy = methods.get(plan_doc["method"])
     provenance = plan_doc.get("provenance", {})
-    exchanges = provenance.get("exchanges", [])
     achieved = (
         1 - after["macs"] / base["macs"] if strategy.family == "structured" else after["sparsity"]
     )
@@ -329,13 +355,7 @@ def evaluate(
             "finetune": float(ft_report.get("seconds", float("nan"))),
             "evaluate": time.perf_counter() - start,
         },
-        "planning": {
-            "backend": provenance.get("backend"),
-            "llm_calls": len(exchanges),
-            "prompt_tokens": sum(int(e.get("prompt_tokens") or 0) for e in exchanges),
-            "completion_tokens": sum(int(e.get("completion_tokens") or 0) for e in exchanges),
-            "seconds": float(provenance.get("planning_seconds", 0.0)),
-        },
+        "planning": planning_cost(provenance),
     }
     write_json(out_json, metrics)
     _print(

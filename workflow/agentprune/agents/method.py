@@ -1,0 +1,96 @@
+"""The ``multi_agent`` method: six LLM agents plan the structured pruning; the spine's search
+carries the plan out."""
+
+from __future__ import annotations
+
+import time
+
+from agentprune.pruning.methods import StructuredRecipe, register
+
+
+@register
+class MultiAgent(StructuredRecipe):
+    """Profiling, master, analysis, pruning, fine-tuning and evaluation agents choose the pruner
+    settings by measured trials; ``plan.json`` holds the best trial and the whole transcript."""
+
+    name = "multi_agent"
+    uses_agents = True
+    source = "agentprune multi-agent coordinator"
+
+    def plan(self, target, profile, overrides, context):
+        import torch
+
+        from agentprune import data, models, train
+        from agentprune.agents.analysis import run_bounds
+        from agentprune.agents.coordinator import Coordinator, Workspace
+        from agentprune.agents.llm import LLM, LLMSettings
+        from agentprune.config import agents_settings
+
+        start = time.perf_counter()
+        config = context["config"]
+        seed = int(context["seed"])
+        if context.get("threads"):
+            torch.set_num_threads(int(context["threads"]))
+        agents_cfg = {
+            **agents_settings(config),
+            "max_loss_increase": float(config["profile"]["max_loss_increase"]),
+        }
+        prune_cfg = config["prune"]
+        train.seed_everything(seed)
+        base, desc = models.load(context["base_stem"])
+        splits = data.load_splits(config["dataset"])
+        batch = int(prune_cfg["batch_size"])
+        bounds = run_bounds(
+            profile, agents_cfg, context["dataset"], context["model"], desc["timm_name"]
+        )
+        workspace = Workspace(
+            base=base,
+            example_inputs=data.example_inputs(splits.img_size),
+            calibration=data.calibration_batches(
+                splits.train, bounds.max_calibration_batches, batch, seed
+            ),
+            recovery=data.calibration_batches(
+                splits.train, int(agents_cfg["recovery"]["batches"]), batch, seed
+            ),
+            val=splits.val,
+            eval_batch=int(config["evaluate"]["batch_size"]),
+        )
+        llm = LLM(
+            LLMSettings.from_config(agents_cfg, str(agents_cfg["cache_dir"])),
+            threads=int(context.get("threads") or 1),
+        )
+        search = {
+            "tolerance": float(prune_cfg["tolerance"]),
+            "max_steps": int(prune_cfg["max_search_steps"]),
+        }
+        try:
+            outcome = Coordinator(llm, agents_cfg, search).run(
+                float(target),
+                profile,
+                bounds,
+                dict(overrides),
+                workspace,
+                seed,
+                int(prune_cfg["calibration_batches"]),
+            )
+        finally:
+            llm.close()
+        provenance = outcome.pop("provenance")
+        provenance.update(
+            backend=llm.backend,
+            planner="Coordinator",
+            llm_model=llm.model,
+            recipe_source=self.source,
+            planning_seconds=time.perf_counter() - start,
+        )
+        return {
+            "method": self.name,
+            "family": self.family,
+            "dataset": context["dataset"],
+            "model": context["model"],
+            "seed": seed,
+            "target": {"metric": "macs_fraction_removed", "value": float(target)},
+            "search": search,
+            **outcome,
+            "provenance": provenance,
+        }
