@@ -186,9 +186,8 @@ def plan(smoke: dict[str, Any], agents: dict[str, Any], name: str, seed: int = 0
 def assert_in_bounds(doc: dict[str, Any]) -> None:
     """The contract every multi_agent plan keeps, whatever the LLM said."""
     assert doc["target"] == {"metric": "macs_fraction_removed", "value": 0.3}
-    caps = doc["agents"]["bounds"]
     for trial in doc["provenance"]["trials"]:
-        s = trial["settings"]
+        caps, s = trial["bounds"], trial["settings"]
         assert 0 < s["max_pruning_ratio"] < 1
         assert 0 <= s["max_head_ratio"] < 1
         assert s["max_head_ratio"] <= caps.get("heads", 0.0) + 1e-9
@@ -220,6 +219,21 @@ def test_heuristic_plan_is_the_best_trial_and_the_prune_step_rebuilds_it(smoke) 
     assert report["macs"] == doc["expected"]["macs"]
     assert report["achieved"] == pytest.approx(doc["expected"]["achieved"], abs=1e-12)
     assert abs(report["achieved"] - 0.3) <= 0.005
+
+
+def test_bounds_that_leave_the_target_out_of_reach_are_relaxed_step_by_step(smoke) -> None:
+    tight = {
+        "match": "digits/vit",
+        "max_ratio": {k: 0.05 for k in ("attention", "mlp", "residual")},
+    }
+    doc = plan(smoke, {"backend": "heuristic", "bounds": [tight]}, "tight")
+    trials = doc["provenance"]["trials"]
+    assert trials[0]["out_of_reach"] and trials[0]["bounds"]["mlp"] == 0.05
+    reasons = [f["reason"] for f in doc["provenance"]["fallbacks"]]
+    assert any("relaxed to the config ceiling" in r for r in reasons)
+    assert doc["agents"]["bounds_level"].startswith("the config ceiling")
+    assert abs(doc["expected"]["achieved"] - 0.3) <= 0.005
+    assert_in_bounds(doc)
 
 
 def _scripted(decisions: dict[str, Any]):
@@ -399,3 +413,48 @@ def test_llamacpp_backend_plans_in_process(smoke) -> None:
     doc = plan(smoke, {"backend": "llamacpp", "max_iterations": 2, "cache": "off"}, "inproc")
     _assert_real_exchanges(doc, "llamacpp")
     assert doc["provenance"]["llm_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_transcript_page_shows_every_exchange_and_escapes_llm_text() -> None:
+    from agentprune.transcript import render_transcript
+
+    exchange = {
+        "agent": "evaluation",
+        "backend": "openai",
+        "model": "m",
+        "messages": [{"role": "user", "content": "assess"}],
+        "response": '{"assessment": "<script>alert(1)</script>"}',
+        "decision": None,
+        "ok": False,
+        "error": "invalid reply",
+        "latency_s": 0.5,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cached": False,
+    }
+    doc = {
+        "method": "multi_agent",
+        "dataset": "digits",
+        "model": "vit",
+        "seed": 0,
+        "target": {"value": 0.3},
+        "pruner": {"importance": "taylor"},
+        "agents": {"best_trial": 1, "stop_reason": "master", "protect": ["mlp"], "bounds": {}},
+        "provenance": {
+            "backend": "openai",
+            "llm_model": "m",
+            "planning_seconds": 3.0,
+            "exchanges": [exchange, {**exchange, "agent": "master", "ok": True, "error": None}],
+            "fallbacks": [{"agent": "evaluation", "reason": "invalid reply after 1 re-ask"}],
+            "clamps": [{"agent": "analysis", "field": "strategy.heads", "requested": 3,
+                        "applied": 1, "bound": 1, "reason": "heads bound", "trial": 1}],
+            "trials": [{"trial": 1, "strategy": {"grouping": "global"}, "strategy_source": "llm",
+                        "rationale": "r", "achieved": 0.3, "val_top1": 90.0, "val_loss": 0.3,
+                        "recovery": {"lr": 0.001, "steps": 5}, "seconds": 1.0,
+                        "assessment": {"acceptable": True, "assessment": "fine"}}],
+        },
+    }  # fmt: skip
+    page = render_transcript(doc)
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)" in page
+    assert page.count("<details") == 2
+    assert "invalid reply after 1 re-ask" in page and "strategy.heads" in page

@@ -281,7 +281,9 @@ def run_prune(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any
     else:
         steps.write_json(profile_json, {})
     plan_json = out / "plan.json"
-    steps.plan(config, args.method, model_name, ratio, args.seed, profile_json, plan_json)
+    steps.plan(
+        config, args.method, model_name, ratio, args.seed, profile_json, plan_json, base_stem
+    )
     pruned_stem, finetuned_stem = out / "pruned", out / "finetuned"
     steps.prune(config, plan_json, base_stem, pruned_stem, out / "prune_report.json")
     steps.finetune(

@@ -460,7 +460,9 @@ def _table_caption(datasets: Sequence[str], unit: str, reference_method: str) ->
         f"MACs in {unit}, parameters in M. Ratio: fraction of base MACs removed (structured) "
         f"or weight sparsity (unstructured). Δ base: top-1 change vs the unpruned model; "
         f"Δ {reference_method}: top-1 difference to {reference_method} at the same model and "
-        f"ratio. Top-1 pruned: before fine-tuning. † published reference."
+        f"ratio. Top-1 pruned: before fine-tuning. Planning: mean trial prunes, real LLM "
+        f"calls and seconds a run spent choosing its plan (– for the fixed recipes, which "
+        f"spend none). † published reference."
     )
 
 

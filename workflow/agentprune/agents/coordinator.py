@@ -8,6 +8,7 @@ fallback and clamp is recorded in the plan's provenance.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from agentprune.agents.master import MasterAgent, isomorphic_strategy
 from agentprune.agents.profiling_agent import ProfilingAgent
 from agentprune.agents.pruning_agent import PruningAgent
 from agentprune.agents.schemas import Strategy
-from agentprune.pruning.settings import PruningError
+from agentprune.pruning.settings import PruningError, TargetOutOfReach
 
 
 @dataclass
@@ -89,6 +90,18 @@ class Coordinator:
         found, summary = self.profiling.run(self.llm, profile, max_loss, seed)
         kinds = list(summary["loss_increase"])
         heads_per_layer = list(summary.get("attention_heads") or [])
+        # When the bounds leave the target out of reach, they are relaxed step by step (and
+        # each step recorded): first the profiling agent's protection, then the measured bounds
+        # down to the config ceiling. The target is the wildcard's and never moves.
+        ladder = [
+            ("measured bounds with protection", bounds),
+            ("measured bounds without protection", dataclasses.replace(bounds, protect_factor=1.0)),
+            (
+                "the config ceiling agents.max_ratio for every kind",
+                dataclasses.replace(bounds, max_ratio={}, protect_factor=1.0),
+            ),
+        ]
+        level = 0
         caps = kind_caps(kinds, found.protect, bounds, heads_per_layer)
         self.log(f"profiling: protect {found.protect}; bounds {caps}")
         history: list[dict[str, Any]] = []
@@ -132,6 +145,18 @@ class Coordinator:
                 bounds, caps, heads_per_layer, overrides, workspace, seed, clamps, best,
             )  # fmt: skip
             history.append(trial)
+            if trial.get("out_of_reach") and level + 1 < len(ladder):
+                level += 1
+                bounds = ladder[level][1]
+                caps = kind_caps(kinds, found.protect, bounds, heads_per_layer)
+                fallbacks.append(
+                    {
+                        "agent": "coordinator",
+                        "reason": f"target {target} out of reach under the bounds; relaxed to "
+                        f"{ladder[level][0]}: {caps}",
+                    }
+                )
+                self.log(f"bounds relaxed to {ladder[level][0]}: {caps}")
             if "val_top1" not in trial:
                 continue
             previous = None if best is None else best["val_top1"]
@@ -142,11 +167,15 @@ class Coordinator:
             ):
                 stop_reason = "min_improvement"
                 break
-        if best is None:
-            # Every trial failed (e.g. settings that cannot reach the target under the bounds):
-            # the isomorphic recipe, clamped the same way, keeps the run alive.
+        while best is None:
+            # Every trial failed: the isomorphic recipe, under the loosest bounds reached so far
+            # and then looser ones, keeps the run alive.
             fallbacks.append(
-                {"agent": "coordinator", "reason": "no trial succeeded; ran the isomorphic recipe"}
+                {
+                    "agent": "coordinator",
+                    "reason": f"no trial succeeded; ran the isomorphic recipe under "
+                    f"{ladder[level][0]}",
+                }
             )
             strategy = isomorphic_strategy("heads" in kinds, default_calibration)
             trial = self._trial(
@@ -154,9 +183,14 @@ class Coordinator:
                 caps, heads_per_layer, overrides, workspace, seed, clamps, None,
             )  # fmt: skip
             history.append(trial)
-            if "val_top1" not in trial:
+            if "val_top1" in trial:
+                best = trial
+            elif trial.get("out_of_reach") and level + 1 < len(ladder):
+                level += 1
+                bounds = ladder[level][1]
+                caps = kind_caps(kinds, found.protect, bounds, heads_per_layer)
+            else:
                 raise PruningError(f"multi_agent: no trial reached the target ({trial['error']})")
-            best = trial
         train.seed_everything(seed)
         return {
             "pruner": best["settings"],
@@ -165,6 +199,7 @@ class Coordinator:
                 "protect": found.protect,
                 "risks": found.risks,
                 "bounds": caps,
+                "bounds_level": ladder[level][0],
                 "stop_reason": stop_reason,
                 "best_trial": best["trial"],
             },
@@ -211,6 +246,7 @@ class Coordinator:
             "strategy_source": "llm" if from_llm else "heuristic",
             "rationale": rationale,
             "settings": settings.to_dict(),
+            "bounds": caps,
         }
         # Same seeding and calibration prefix as the prune step: the best trial's pruned model
         # is exactly what the prune step will rebuild from the plan.
@@ -228,6 +264,7 @@ class Coordinator:
             )
         except (PruningError, RuntimeError, ValueError) as err:
             trial["error"] = str(err).splitlines()[0]
+            trial["out_of_reach"] = isinstance(err, TargetOutOfReach)
             trial["seconds"] = time.perf_counter() - trial_start
             self.log(f"trial {number}: failed ({trial['error']})")
             return trial

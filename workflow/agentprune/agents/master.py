@@ -28,14 +28,12 @@ class MasterAgent(LLMAgent):
     name = "master"
     decision = MasterDecision
     role = (
-        "You are the master agent of a structured pruning system. The pruner removes a fixed "
-        "fraction of the model's MACs (the target); you choose how. importance: taylor, "
-        "magnitude_l2 or magnitude_l1. grouping: isomorphic, global or uniform. heads: head "
-        "pruning ratio as a multiple of the channel ratio (0 keeps all heads). allocation: null "
-        "to let the ranking allocate, or per-kind multiples of the ratio for attention, mlp and "
-        "residual (lower protects a kind). round_to: 1, 2, 4 or 8. calibration_batches: 1 to 16. "
-        "Use the history of trials (proxy validation accuracy) to improve; action stop ends the "
-        "search when further trials are unlikely to help."
+        "You are the master agent of a structured pruning system that removes a fixed fraction of "
+        "a model's MACs (target). Choose the next trial: importance (taylor, magnitude_l2, "
+        "magnitude_l1), grouping (isomorphic, global, uniform), heads (head ratio as a multiple "
+        "of the channel ratio, 0 keeps heads), allocation (null, or multiples for attention, mlp "
+        "and residual; lower protects), round_to (1, 2, 4, 8), calibration_batches (1 to 16). "
+        "Learn from the history's validation accuracy; action stop ends the search."
     )
 
     def heuristic(self, state: dict[str, Any]) -> MasterDecision:

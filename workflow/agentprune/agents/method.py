@@ -4,6 +4,7 @@ carries the plan out."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from agentprune.pruning.methods import StructuredRecipe, register
 
@@ -15,6 +16,7 @@ class MultiAgent(StructuredRecipe):
 
     name = "multi_agent"
     uses_agents = True
+    needs_profile = True
     source = "agentprune multi-agent coordinator"
 
     def plan(self, target, profile, overrides, context):
@@ -83,7 +85,7 @@ class MultiAgent(StructuredRecipe):
             recipe_source=self.source,
             planning_seconds=time.perf_counter() - start,
         )
-        return {
+        plan = {
             "method": self.name,
             "family": self.family,
             "dataset": context["dataset"],
@@ -94,3 +96,24 @@ class MultiAgent(StructuredRecipe):
             **outcome,
             "provenance": provenance,
         }
+        check_plan(plan, float(target))
+        return plan
+
+
+def check_plan(plan: dict[str, Any], target: float) -> None:
+    """The contract no LLM output can break: the wildcard's target, and every ratio in [0, 1).
+
+    Raises:
+        ValueError: naming the offending field (a bug in the clamping, never the LLM's doing).
+    """
+    if plan["target"]["value"] != target:
+        raise ValueError(f"plan.target {plan['target']['value']} is not the wildcard's {target}")
+    pruner = plan["pruner"]
+    ratios = {
+        "max_pruning_ratio": pruner["max_pruning_ratio"],
+        "max_head_ratio": pruner["max_head_ratio"],
+        **{f"scope_max_ratio.{g}": v for g, v in pruner["scope_max_ratio"].items()},
+    }
+    for name, value in ratios.items():
+        if not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"plan.pruner.{name}={value} is outside [0, 1)")

@@ -48,8 +48,8 @@ class ProfilingAgent(LLMAgent):
             (k for k, v in worst.items() if v > 0.5 * max_loss_increase),
             key=lambda k: (-worst[k], k),
         )
-        risks = [f"{k}: loss +{worst[k]:.2f} at the largest measured ratio" for k in sensitive]
-        return ProfilingDecision(risks=risks[:5], protect=sensitive[:5])
+        risks = [f"{k}: loss +{worst[k]:.2f} at the largest ratio measured" for k in sensitive]
+        return ProfilingDecision(risks=risks[:3], protect=sensitive[:5])
 
     def run(self, llm, profile: dict[str, Any], max_loss_increase: float, seed: int):
         """The profiling decision and the summary the other agents reuse."""

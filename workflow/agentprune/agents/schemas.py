@@ -26,8 +26,8 @@ class Decision(BaseModel):
 class ProfilingDecision(Decision):
     """The profiling agent's reading of ``profile.json``."""
 
-    risks: list[Annotated[str, StringConstraints(max_length=160)]] = Field(
-        max_length=5, description="short statements of what could break when pruning this model"
+    risks: list[Annotated[str, StringConstraints(max_length=80)]] = Field(
+        max_length=3, description="short statements of what could break when pruning this model"
     )
     protect: list[Kind] = Field(
         max_length=5, description="group kinds to prune less than the rest (most sensitive first)"
@@ -66,7 +66,7 @@ class MasterDecision(Decision):
 
     action: Literal["continue", "stop"]
     strategy: Strategy
-    rationale: str = Field(max_length=200)
+    rationale: str = Field(max_length=120)
 
 
 class FinetuneDecision(Decision):
@@ -74,14 +74,14 @@ class FinetuneDecision(Decision):
 
     lr: float = Field(gt=0.0, description="AdamW learning rate")
     steps: int = Field(ge=0, description="optimizer steps on the calibration split")
-    rationale: str = Field(max_length=200)
+    rationale: str = Field(max_length=120)
 
 
 class EvaluationDecision(Decision):
     """The evaluation agent's assessment of one measured trial."""
 
     acceptable: bool = Field(description="whether this trial is worth keeping")
-    assessment: str = Field(max_length=200)
+    assessment: str = Field(max_length=120)
 
 
 DECISIONS: dict[str, type[Decision]] = {

@@ -56,11 +56,13 @@ class Method:
         family: ``structured`` (the ratio is the fraction of MACs removed) or ``unstructured`` (the
             ratio is the sparsity of the prunable weights).
         uses_agents: the plan comes from the LLM agents (its transcript goes into the report).
+        needs_profile: the planner reads ``profile.json`` (the CLI profiles only for these).
     """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = "structured"
     uses_agents: ClassVar[bool] = False
+    needs_profile: ClassVar[bool] = False
 
     def plan(
         self,

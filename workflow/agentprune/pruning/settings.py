@@ -21,6 +21,10 @@ class PruningError(RuntimeError):
     """A plan cannot be carried out on this model."""
 
 
+class TargetOutOfReach(PruningError):
+    """No pruning ratio allowed by the settings' bounds removes enough MACs."""
+
+
 @dataclass
 class PrunerSettings:
     """The pruner part of ``plan.json`` (see DESIGN.md).

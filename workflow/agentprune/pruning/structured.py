@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agentprune.pruning.settings import IMPORTANCES, PrunerSettings, PruningError
+from agentprune.pruning.settings import (
+    IMPORTANCES,
+    PrunerSettings,
+    PruningError,
+    TargetOutOfReach,
+)
 
 __all__ = ["IMPORTANCES", "PrunerSettings", "PruningError", "prune_to_target"]
 
@@ -450,7 +455,7 @@ def prune_to_target(
             # A run off its target is no data point for the study: fail instead of saving it.
             best = max((t.get("achieved", 0.0) for t in trials), default=0.0)
             if found.reduction < target:
-                raise PruningError(
+                raise TargetOutOfReach(
                     f"no ratio up to max_pruning_ratio={settings.max_pruning_ratio} removes "
                     f"{target} of MACs (best {best:.3f}); raise max_pruning_ratio or lower the "
                     "target"
