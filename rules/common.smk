@@ -17,6 +17,7 @@ def fmt_ratio(ratio):
 
 
 RATIOS = [fmt_ratio(r) for r in config["ratios"]]
+SPARSITIES = [fmt_ratio(r) for r in config["sparsities"]]
 
 BASE = RESULTS + "/{dataset}/{model}/base"
 RUN = RESULTS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}"
@@ -43,28 +44,49 @@ def model_entry(name):
     raise ValueError(f"model {name!r} is not in config.models")
 
 
-def method_uses_agents(name):
-    """Whether the registered method plans with the LLM agents (from the registry, not the name)."""
+def method_info(name):
+    """The registered method called name (its family, sections and flags come from the registry,
+    so no rule branches on a method's name)."""
     from agentprune.pruning import methods
 
-    return methods.get(name).uses_agents
+    return methods.get(name)
 
 
-def agent_methods():
-    """The configured methods whose plans carry an agent transcript."""
-    return [m for m in config["methods"] if method_uses_agents(m)]
+def method_ratios(name):
+    """The {ratio} values of a method: MACs fractions for structured, sparsities otherwise."""
+    return RATIOS if method_info(name).family == "structured" else SPARSITIES
+
+
+def method_section(name):
+    """The config section a method's planner reads ({} for none): a params trigger."""
+    section = method_info(name).config_section
+    return config.get(section, {}) if section else {}
+
+
+def runs(filename, methods=None):
+    """``filename`` in every run directory of the grid (each method at its own ratios)."""
+    return [
+        path
+        for method in (config["methods"] if methods is None else methods)
+        for path in expand(
+            RUN + "/" + filename,
+            dataset=DATASET,
+            model=MODELS,
+            method=method,
+            ratio=method_ratios(method),
+            seed=config["seeds"],
+        )
+    ]
 
 
 def all_metrics():
     """Every run's metrics.json in the grid."""
-    return expand(
-        RUN + "/metrics.json",
-        dataset=DATASET,
-        model=MODELS,
-        method=config["methods"],
-        ratio=RATIOS,
-        seed=config["seeds"],
-    )
+    return runs("metrics.json")
+
+
+def transcripts():
+    """The HTML transcript of every agent-planned run (category Agents of the report)."""
+    return runs("transcript.html", [m for m in config["methods"] if method_info(m).uses_agents])
 
 
 def paper_outputs():
@@ -74,22 +96,14 @@ def paper_outputs():
         PAPER + "/tables/results.tex",
         PAPER + "/tables/results.html",
         PAPER + "/tables/comparisons.md",
+        PAPER + "/tables/unstructured.md",
+        PAPER + "/tables/unstructured.tex",
+        PAPER + "/tables/unstructured.html",
         PAPER + "/figures/accuracy_vs_macs.png",
+        PAPER + "/figures/accuracy_vs_sparsity.png",
         PAPER + "/figures/method_comparison.png",
         PAPER + "/figures/time_per_step.png",
     ]
-
-
-def transcripts():
-    """The HTML transcript of every agent-planned run (category Agents of the report)."""
-    return expand(
-        RUN + "/transcript.html",
-        dataset=DATASET,
-        model=MODELS,
-        method=agent_methods(),
-        ratio=RATIOS,
-        seed=config["seeds"],
-    )
 
 
 def report_outputs():

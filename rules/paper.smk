@@ -31,6 +31,30 @@ rule paper:
             category="Tables",
             labels={"table": "comparisons", "format": "markdown"},
         ),
+        unstructured_md=report(
+            PAPER + "/tables/unstructured.md",
+            caption="../workflow/report/table_unstructured.rst",
+            category="Tables",
+            labels={"table": "unstructured", "format": "markdown"},
+        ),
+        unstructured_tex=report(
+            PAPER + "/tables/unstructured.tex",
+            caption="../workflow/report/table_unstructured.rst",
+            category="Tables",
+            labels={"table": "unstructured", "format": "latex"},
+        ),
+        unstructured_html=report(
+            PAPER + "/tables/unstructured.html",
+            caption="../workflow/report/table_unstructured.rst",
+            category="Tables",
+            labels={"table": "unstructured", "format": "html"},
+        ),
+        sparsity=report(
+            PAPER + "/figures/accuracy_vs_sparsity.png",
+            caption="../workflow/report/fig_accuracy_vs_sparsity.rst",
+            category="Figures",
+            labels={"figure": "accuracy vs sparsity"},
+        ),
         accuracy=report(
             PAPER + "/figures/accuracy_vs_macs.png",
             caption="../workflow/report/fig_accuracy_vs_macs.rst",

@@ -12,7 +12,7 @@ rule plan:
     params:
         settings=lambda wc: config["method_settings"].get(wc.method, {}),
         prune=config["prune"],
-        agents=lambda wc: config["agents"] if method_uses_agents(wc.method) else {},
+        section=lambda wc: method_section(wc.method),
     log:
         LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/plan.log",
     benchmark:

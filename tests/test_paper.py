@@ -28,6 +28,8 @@ MODELS = {  # label: (macs_base, params_base, top1_base)
 RATIOS = (0.3, 0.5)
 METHODS = {"isomorphic": "structured", "l1_norm": "structured", "magnitude": "unstructured"}
 GROUP = ["dataset", "model", "family", "ratio", "method"]
+# The results table holds the structured methods; the unstructured ones have their own table.
+STRUCTURED = [m for m, family in METHODS.items() if family == "structured"]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -172,15 +174,19 @@ def test_render_paper_writes_every_output(rendered):
         "results_md": out / "tables" / "results.md",
         "results_tex": out / "tables" / "results.tex",
         "results_html": out / "tables" / "results.html",
+        "unstructured_md": out / "tables" / "unstructured.md",
+        "unstructured_tex": out / "tables" / "unstructured.tex",
+        "unstructured_html": out / "tables" / "unstructured.html",
         "comparisons_md": out / "tables" / "comparisons.md",
         "accuracy_vs_macs": out / "figures" / "accuracy_vs_macs.png",
+        "accuracy_vs_sparsity": out / "figures" / "accuracy_vs_sparsity.png",
         "method_comparison": out / "figures" / "method_comparison.png",
         "time_per_step": out / "figures" / "time_per_step.png",
     }
     assert outputs == expected
     for path in expected.values():
         assert path.is_file() and path.stat().st_size > 0
-    for name in ("accuracy_vs_macs", "method_comparison", "time_per_step"):
+    for name in ("accuracy_vs_macs", "accuracy_vs_sparsity", "method_comparison", "time_per_step"):
         data = expected[name].read_bytes()
         assert data.startswith(PNG_MAGIC)
         assert len(data) > 5_000
@@ -189,7 +195,9 @@ def test_render_paper_writes_every_output(rendered):
 def test_markdown_has_one_row_per_model_ratio_method_plus_base(rendered):
     markdown = rendered["outputs"]["results_md"].read_text()
     body = table_body(markdown)
-    assert len(body) == len(MODELS) * len(RATIOS) * len(METHODS) + len(MODELS)
+    structured = [m for m, family in METHODS.items() if family == "structured"]
+    assert len(body) == len(MODELS) * len(RATIOS) * len(structured) + len(MODELS)
+    assert {row[1] for row in body} == {"**Base**", *structured}
     bases = [row for row in body if row[1] == "**Base**"]
     assert [row[0] for row in bases] == list(MODELS)
     header = [line for line in markdown.splitlines() if line.startswith("|")][0]
@@ -197,11 +205,18 @@ def test_markdown_has_one_row_per_model_ratio_method_plus_base(rendered):
     assert markdown.splitlines()[0].startswith("**")  # caption line
 
 
+def test_unstructured_table_holds_the_unstructured_methods(rendered):
+    body = table_body(rendered["outputs"]["unstructured_md"].read_text())
+    sparse = [m for m, family in METHODS.items() if family == "unstructured"]
+    assert {row[1] for row in body} == {"**Base**", *sparse}
+    assert len(body) == len(MODELS) * len(RATIOS) * len(sparse) + len(MODELS)
+
+
 def test_markdown_top1_is_mean_plus_minus_ci_half_from_summary(rendered):
     summary = rendered["summary"]
     body = table_body(rendered["outputs"]["results_md"].read_text())
     cells = {(row[0], row[1], row[2]): row for row in body}
-    for record in summary.to_dict("records"):
+    for record in summary[summary["method"].isin(STRUCTURED)].to_dict("records"):
         row = cells[(record["model"], record["method"], f"{record['ratio']:g}")]
         expected = f"{record['top1_mean']:.2f} ± {record['top1_ci_half']:.2f}"
         assert row[5] == expected
@@ -258,7 +273,7 @@ def test_latex_escapes_underscores_percent_and_pm(rendered):
     assert all("_" not in line.replace(r"\_", "") for line in body)
     assert "±" not in tex and r"$\pm$" in tex
     assert r"Top-1 (\%)" in tex and "(%)" not in tex
-    assert tex.count(r"\\") == len(MODELS) * (len(RATIOS) * len(METHODS) + 1) + 1
+    assert tex.count(r"\\") == len(MODELS) * (len(RATIOS) * len(STRUCTURED) + 1) + 1
 
 
 def test_html_is_a_table_fragment(rendered):
@@ -266,7 +281,7 @@ def test_html_is_a_table_fragment(rendered):
     assert html.lstrip().startswith("<table") and html.rstrip().endswith("</table>")
     for tag in ("<caption", "<thead>", "<tbody>", "style="):
         assert tag in html
-    assert html.count("<tr") == 1 + len(MODELS) * (len(RATIOS) * len(METHODS) + 1)
+    assert html.count("<tr") == 1 + len(MODELS) * (len(RATIOS) * len(STRUCTURED) + 1)
 
 
 def test_comparisons_markdown(rendered, tmp_path):
@@ -324,7 +339,7 @@ def test_single_seed_renders_without_ci(tmp_path):
     out = paper.render_paper(*inputs, out_dir=tmp_path / "paper", templates_dir=TEMPLATES)
     markdown = out["results_md"].read_text()
     body = table_body(markdown)
-    assert len(body) == len(MODELS) * (len(RATIOS) * len(METHODS) + 1)
+    assert len(body) == len(MODELS) * (len(RATIOS) * len(STRUCTURED) + 1)
     assert all("±" not in row[5] for row in body)
     assert "No comparisons" in out["comparisons_md"].read_text()
     for name in ("accuracy_vs_macs", "method_comparison", "time_per_step"):

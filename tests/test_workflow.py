@@ -72,8 +72,14 @@ def run_snakemake(
 def smoke_grid() -> dict[str, int]:
     """Jobs per rule the smoke grid implies."""
     cfg = yaml.safe_load(SMOKE.read_text())
-    runs = len(cfg["models"]) * len(cfg["ratios"]) * len(cfg["seeds"]) * len(cfg["methods"])
-    agent_runs = runs // len(cfg["methods"]) * cfg["methods"].count("multi_agent")
+    from agentprune.pruning import methods
+
+    per_ratio = len(cfg["models"]) * len(cfg["seeds"])
+    families = [methods.get(m).family for m in cfg["methods"]]
+    runs = per_ratio * sum(
+        len(cfg["ratios"]) if f == "structured" else len(cfg["sparsities"]) for f in families
+    )
+    agent_runs = per_ratio * len(cfg["ratios"]) * cfg["methods"].count("multi_agent")
     return {
         "download_data": 1,
         "download_model": len(cfg["models"]),
@@ -103,17 +109,24 @@ def test_full_run_builds_every_job_and_the_report(workdir: Path, first_run: Coun
     results = workdir / "results"
     report = results / "report.html"
     assert report.is_file() and report.stat().st_size > 100_000
-    for fig in ("accuracy_vs_macs", "method_comparison", "time_per_step"):
+    for fig in ("accuracy_vs_macs", "accuracy_vs_sparsity", "method_comparison", "time_per_step"):
         assert (results / "paper" / "figures" / f"{fig}.png").stat().st_size > 5_000
     table = (results / "paper" / "tables" / "results.md").read_text()
-    assert "isomorphic" in table and "magnitude_l2" in table
+    assert "isomorphic" in table and "magnitude_l2" in table and "icbs" not in table
+    sparse = (results / "paper" / "tables" / "unstructured.md").read_text()
+    assert "| icbs |" in sparse and "| magnitude |" in sparse
     metrics = [json.loads(p.read_text()) for p in results.glob("digits/*/*/r*/s*/metrics.json")]
     assert len(metrics) == smoke_grid()["evaluate"]
+    assert {m["family"] for m in metrics} == {"structured", "unstructured"}
     for m in metrics:
-        # Every structured run lands within +-0.5 % of base MACs of its target.
-        assert abs(m["achieved"] - m["ratio"]) <= 0.005 + 1e-9, m
-        assert abs((1 - m["macs"] / m["macs_base"]) - m["ratio"]) <= 0.005 + 1e-9
-        assert m["family"] == "structured"
+        if m["family"] == "structured":
+            # Every structured run lands within +-0.5 % of base MACs of its target.
+            assert abs(m["achieved"] - m["ratio"]) <= 0.005 + 1e-9, m
+            assert abs((1 - m["macs"] / m["macs_base"]) - m["ratio"]) <= 0.005 + 1e-9
+        else:
+            # Unstructured: exact density after pruning, and the masks held through fine-tuning.
+            assert abs(m["sparsity"] - m["ratio"]) < 1e-3, m
+            assert m["macs"] == m["macs_base"]
         assert set(m["seconds"]) == {"plan", "prune", "finetune", "evaluate"}
         assert m["top1"] > 10.0 * 1.5, "fine-tuned smoke runs must beat chance (10 %)"
 

@@ -496,8 +496,11 @@ def render_tables(
     templates_dir: str | Path,
     reference_method: str = "isomorphic",
     references: list[dict] | None = None,
+    stem: str = "results",
+    title: str = "Pruning results.",
+    caption: str | None = None,
 ) -> list[Path]:
-    """Render ``results.md``, ``results.tex`` and ``results.html`` into ``out_dir``.
+    """Render ``<stem>.md``, ``<stem>.tex`` and ``<stem>.html`` into ``out_dir``.
 
     Args:
         summary: ``summary.csv`` of :mod:`agentprune.stats`.
@@ -514,15 +517,36 @@ def render_tables(
     """
     rows = table_rows(summary, reference_method, references)
     context = _table_context(summary, rows, reference_method)
+    context["title"] = title
+    if caption is not None:
+        context["caption"] = caption
     env = make_environment(templates_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for fmt in TABLE_FORMATS:
-        path = out / f"results.{fmt}"
+        path = out / f"{stem}.{fmt}"
         _write(path, env.get_template(f"table.{fmt}.j2").render(**context))
         paths.append(path)
     return paths
+
+
+def family_frame(frame: pd.DataFrame, family: str) -> pd.DataFrame:
+    """Rows of one method family (all rows when the frame has no ``family`` column)."""
+    if "family" not in frame.columns or frame.empty:
+        return frame if family == "structured" else frame.iloc[0:0]
+    return frame[frame["family"] == family]
+
+
+def _sparsity_caption(datasets: Sequence[str]) -> str:
+    where = f" on {', '.join(datasets)}" if datasets else ""
+    return (
+        f"Unstructured pruning{where}: top-1 accuracy (%) at each sparsity (Ratio: fraction of "
+        f"the prunable weights set to zero; shapes and MACs unchanged), mean ± half-width of the "
+        f"95% Student-t confidence interval over seeds. Top-1: after fine-tuning with the masks "
+        f"held; Top-1 pruned: before fine-tuning. Δ base: change vs the unpruned model; Δ wanda: "
+        f"difference to Wanda at the same model and sparsity."
+    )
 
 
 def render_comparisons(
@@ -628,6 +652,30 @@ def _base_line(ax: plt.Axes, value: float | None, x: float | None = None) -> Non
         ax.plot([x], [value], marker="*", markersize=11, color="0.2", linestyle="none")
 
 
+def _line_panels(
+    long: pd.DataFrame, data: pd.DataFrame, x: str, y: str, **kw: Any
+) -> sns.FacetGrid:
+    """One panel per model, one line per method with a 95 % Student-t band over seeds."""
+    panels = list(dict.fromkeys(data["panel"]))
+    return sns.relplot(
+        data=long,
+        kind="line",
+        x=x,
+        y=y,
+        hue="method",
+        hue_order=_methods(data),
+        col="panel",
+        col_order=panels,
+        col_wrap=min(len(panels), 3),
+        errorbar=t_interval,
+        marker="o",
+        height=3.5,
+        aspect=1.2,
+        facet_kws={"sharex": False, "sharey": False},
+        **kw,
+    )
+
+
 def plot_accuracy_vs_macs(runs: pd.DataFrame, path: str | Path) -> Path:
     """Top-1 vs MACs, one panel per model, one line per method (95 % Student-t band over seeds).
 
@@ -642,35 +690,53 @@ def plot_accuracy_vs_macs(runs: pd.DataFrame, path: str | Path) -> Path:
         ``path``.
     """
     _theme()
-    data = _plot_frame(runs, ["model", "method", "ratio", "macs", "top1"])
+    data = _plot_frame(
+        family_frame(runs, "structured"), ["model", "method", "ratio", "macs", "top1"]
+    )
     if data.empty:
         return _placeholder(path, "no runs with MACs and top-1 yet")
     unit, scale = macs_unit(_first_valid(data, "macs_base", "macs"))
     x = f"MACs ({unit})"
     data[x] = data.groupby(["panel", "method", "ratio"])["macs"].transform("mean") / scale
-    panels = list(dict.fromkeys(data["panel"]))
-    grid = sns.relplot(
-        data=data,
-        kind="line",
-        x=x,
-        y="top1",
-        hue="method",
-        hue_order=_methods(data),
-        col="panel",
-        col_order=panels,
-        col_wrap=min(len(panels), 3),
-        errorbar=t_interval,
-        marker="o",
-        height=3.5,
-        aspect=1.2,
-        facet_kws={"sharex": False, "sharey": False},
-    )
+    grid = _line_panels(data, data, x, "top1")
     base = _base_top1(data)
     base_x = (_column(data, "macs_base") / scale).groupby(data["panel"]).mean().dropna()
     for panel, ax in grid.axes_dict.items():
         _base_line(ax, base.get(str(panel)), base_x.get(panel))
     grid.set_titles("{col_name}")
     grid.set_axis_labels(x, "Top-1 (%)")
+    return _save(grid.figure, path)
+
+
+def plot_accuracy_vs_sparsity(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Top-1 vs sparsity of the unstructured methods, before (dotted) and after fine-tuning
+    (solid), one panel per model, 95 % Student-t band over seeds; dashed: base model.
+
+    Args:
+        runs: ``runs.csv`` of :mod:`agentprune.stats`.
+        path: Output PNG.
+
+    Returns:
+        ``path``.
+    """
+    _theme()
+    data = _plot_frame(family_frame(runs, "unstructured"), ["model", "method", "ratio", "top1"])
+    if data.empty:
+        return _placeholder(path, "no unstructured runs")
+    long = pd.concat(
+        [
+            data.assign(stage="fine-tuned", accuracy=data["top1"]),
+            data.assign(stage="pruned", accuracy=_column(data, "top1_pruned")),
+        ]
+    ).dropna(subset=["accuracy"])
+    grid = _line_panels(
+        long, data, "ratio", "accuracy", style="stage", style_order=["fine-tuned", "pruned"]
+    )
+    base = _base_top1(data)
+    for panel, ax in grid.axes_dict.items():
+        _base_line(ax, base.get(str(panel)))
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("Sparsity of the prunable weights", "Top-1 (%)")
     return _save(grid.figure, path)
 
 
@@ -792,9 +858,10 @@ def render_paper(
 ) -> dict[str, Path]:
     """Write the paper's tables and figures.
 
-    Layout under ``out_dir``: ``tables/results.{md,tex,html}``, ``tables/comparisons.md``,
-    ``figures/accuracy_vs_macs.png``, ``figures/method_comparison.png``,
-    ``figures/time_per_step.png``.
+    Layout under ``out_dir``: ``tables/results.{md,tex,html}`` (structured methods),
+    ``tables/unstructured.{md,tex,html}`` (unstructured methods), ``tables/comparisons.md``,
+    ``figures/accuracy_vs_macs.png``, ``figures/accuracy_vs_sparsity.png``,
+    ``figures/method_comparison.png``, ``figures/time_per_step.png``.
 
     Args:
         runs_csv: ``runs.csv`` of :mod:`agentprune.stats`.
@@ -806,19 +873,38 @@ def render_paper(
         references: Published reference rows (see :func:`table_rows`).
 
     Returns:
-        Paths keyed ``results_md``, ``results_tex``, ``results_html``, ``comparisons_md``,
-        ``accuracy_vs_macs``, ``method_comparison``, ``time_per_step``.
+        Paths keyed ``results_md``, ``results_tex``, ``results_html``, ``unstructured_md``,
+        ``unstructured_tex``, ``unstructured_html``, ``comparisons_md``, ``accuracy_vs_macs``,
+        ``accuracy_vs_sparsity``, ``method_comparison``, ``time_per_step``.
     """
     out = Path(out_dir)
     tables, figures = out / "tables", out / "figures"
     runs = _read_csv(runs_csv)
+    summary = _read_csv(summary_csv)
     md, tex, html = render_tables(
-        _read_csv(summary_csv), tables, templates_dir, reference_method, references
+        family_frame(summary, "structured"), tables, templates_dir, reference_method, references
+    )
+    sparse = family_frame(summary, "unstructured")
+    u_md, u_tex, u_html = render_tables(
+        sparse,
+        tables,
+        templates_dir,
+        "wanda",
+        [],
+        stem="unstructured",
+        title="Unstructured pruning (iCBS, Wanda, magnitude).",
+        caption=_sparsity_caption(_datasets(sparse)),
     )
     return {
         "results_md": md,
         "results_tex": tex,
         "results_html": html,
+        "unstructured_md": u_md,
+        "unstructured_tex": u_tex,
+        "unstructured_html": u_html,
+        "accuracy_vs_sparsity": plot_accuracy_vs_sparsity(
+            runs, figures / "accuracy_vs_sparsity.png"
+        ),
         "comparisons_md": render_comparisons(_read_csv(comparisons_csv), tables, templates_dir),
         "accuracy_vs_macs": plot_accuracy_vs_macs(runs, figures / "accuracy_vs_macs.png"),
         "method_comparison": plot_method_comparison(runs, figures / "method_comparison.png"),

@@ -17,6 +17,7 @@ class MultiAgent(StructuredRecipe):
     name = "multi_agent"
     uses_agents = True
     needs_profile = True
+    config_section = "agents"
     source = "agentprune multi-agent coordinator"
 
     def plan(self, target, profile, overrides, context):

@@ -57,12 +57,15 @@ class Method:
             ratio is the sparsity of the prunable weights).
         uses_agents: the plan comes from the LLM agents (its transcript goes into the report).
         needs_profile: the planner reads ``profile.json`` (the CLI profiles only for these).
+        config_section: the top-level config section the planner reads (a change there reruns
+            this method's chain only).
     """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = "structured"
     uses_agents: ClassVar[bool] = False
     needs_profile: ClassVar[bool] = False
+    config_section: ClassVar[str | None] = None
 
     def plan(
         self,
@@ -222,6 +225,108 @@ class Random(StructuredRecipe):
     source = "random baseline"
 
 
+class UnstructuredRecipe(Method):
+    """A one-shot unstructured recipe: score every prunable weight, zero the lowest-scored ones
+    at exactly the target sparsity of each layer."""
+
+    family = "unstructured"
+    recipe: ClassVar[dict[str, Any]] = {}
+    source: ClassVar[str] = ""
+
+    def plan(self, target, profile, overrides, context):
+        start = time.perf_counter()
+        pruner = {
+            "include": ["*"],
+            "exclude": [],
+            "calibration_batches": int(context["config"]["prune"]["calibration_batches"]),
+            **self.recipe,
+            **overrides,
+        }
+        return {
+            "method": self.name,
+            "family": self.family,
+            "dataset": context["dataset"],
+            "model": context["model"],
+            "seed": context["seed"],
+            "target": {"metric": "sparsity", "value": float(target)},
+            "pruner": pruner,
+            "provenance": _provenance(
+                type(self).__name__, self.source, time.perf_counter() - start
+            ),
+        }
+
+    def scores(self, model, layers, calibration, pruner):
+        """Per-layer weight scores (higher keeps)."""
+        raise NotImplementedError
+
+    def prune(self, base, plan, example_inputs, calibration, seed, prune_cfg):
+        import copy
+
+        from agentprune.pruning import unstructured
+
+        start = time.perf_counter()
+        pruner = plan["pruner"]
+        sparsity = float(plan["target"]["value"])
+        model = copy.deepcopy(base).eval()
+        layers = unstructured.prunable_layers(model, pruner["include"], pruner["exclude"])
+        scores = self.scores(model, layers, calibration, pruner)
+        masks = unstructured.masks_from_scores(scores, sparsity, bool(pruner["per_row"]))
+        unstructured.apply_masks(model, masks)
+        return model, sparsity_report(model, layers, sparsity, example_inputs, start)
+
+    def masks(self, model):
+        from agentprune.pruning import unstructured
+
+        return unstructured.masks_of(model)
+
+
+def sparsity_report(model, layers, target, example_inputs, start) -> dict[str, Any]:
+    """What the prune step reports for an unstructured method (MACs are counted dense)."""
+    from agentprune import evaluate
+    from agentprune.pruning import structured, unstructured
+
+    macs, params = structured.count_macs(model, example_inputs)
+    achieved = evaluate.sparsity(model)["sparsity"]
+    return {
+        "target": target,
+        "achieved": achieved,
+        "densities": unstructured.layer_densities(model, layers),
+        "macs": macs,
+        "params": params,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@register
+class Magnitude(UnstructuredRecipe):
+    """|W|, compared within each layer (``per_row: true`` compares within output rows)."""
+
+    name = "magnitude"
+    recipe = {"scores": "magnitude", "per_row": False}
+    source = "layer-wise magnitude pruning (Han et al., 2015)"
+
+    def scores(self, model, layers, calibration, pruner):
+        from agentprune.pruning import unstructured
+
+        return unstructured.magnitude_scores(layers)
+
+
+@register
+class Wanda(UnstructuredRecipe):
+    """|W| x the input feature norm from calibration activations, compared per output row."""
+
+    name = "wanda"
+    recipe = {"scores": "wanda", "per_row": True}
+    source = "Wanda (Sun et al., arXiv 2306.11695)"
+
+    def scores(self, model, layers, calibration, pruner):
+        from agentprune.pruning import unstructured
+
+        batches = calibration[: int(pruner["calibration_batches"])]
+        return unstructured.wanda_scores(model, layers, batches)
+
+
 # The agents' method registers itself on import; it lives with the agents because it is one of
 # them. Imported last, once everything it subclasses exists.
 from agentprune.agents import method as _multi_agent  # noqa: E402, F401
+from agentprune.pruning.icbs import method as _icbs  # noqa: E402, F401

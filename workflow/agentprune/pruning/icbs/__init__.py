@@ -1,0 +1,1 @@
+"""iCBS: iterative Combinatorial Brain Surgeon (block-wise QUBO pruning, arXiv 2411.17796)."""
