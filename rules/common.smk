@@ -28,6 +28,17 @@ PAPER = RESULTS + "/paper"
 REPORT = RESULTS + "/report.html"
 
 
+# Run on the submitting node under a cluster executor: download needs the login node's internet, the
+# rest only read JSON/CSV and write tables, figures and HTML in seconds.
+localrules:
+    all,
+    download_data,
+    download_model,
+    stats,
+    paper,
+    transcript,
+
+
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_]+",
     model=r"[A-Za-z0-9_.\-]+",
@@ -50,6 +61,13 @@ def method_info(name):
     from agentprune.pruning import methods
 
     return methods.get(name)
+
+
+def trial_methods():
+    """Registered methods whose planner runs trials (planned by rule plan_trials)."""
+    from agentprune.pruning import methods
+
+    return [name for name in methods.names() if methods.get(name).runs_trials]
 
 
 def method_ratios(name):

@@ -1,4 +1,10 @@
 # plan + prune: the method's planner writes plan.json; the pruner carries it out to the target.
+#
+# Planning comes in two weights. A fixed recipe (rule plan) only writes settings: a few seconds on one
+# CPU. A planner that runs trials (rule plan_trials, e.g. multi_agent) prunes, fine-tunes and
+# evaluates trial models, so on a cluster it needs a GPU like prune and finetune. The two rules share
+# one body; the registry decides which methods take the heavy one, and profiles give each its
+# resources by rule name.
 
 
 rule plan:
@@ -20,6 +26,14 @@ rule plan:
     threads: 1
     script:
         "../scripts/plan.py"
+
+
+use rule plan as plan_trials with:
+    wildcard_constraints:
+        method="|".join(trial_methods()),
+
+
+ruleorder: plan_trials > plan
 
 
 rule prune:

@@ -217,3 +217,16 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory):
             proc.kill()
             proc.wait()
         log_file.close()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory):
+    """One full run of config/smoke.yaml (session-wide): (workdir, jobs per rule).
+
+    Later tests rerun parts of it in place (``-R finetune``, changed params), so a test that reads
+    its results must only rely on what every such rerun leaves behind.
+    """
+    from smoke import run_snakemake
+
+    workdir = tmp_path_factory.mktemp("smoke")
+    return workdir, run_snakemake(workdir)

@@ -16,6 +16,7 @@ class MultiAgent(StructuredRecipe):
 
     name = "multi_agent"
     uses_agents = True
+    runs_trials = True
     needs_profile = True
     config_section = "agents"
     source = "agentprune multi-agent coordinator"

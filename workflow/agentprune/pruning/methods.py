@@ -56,6 +56,8 @@ class Method:
         family: ``structured`` (the ratio is the fraction of MACs removed) or ``unstructured`` (the
             ratio is the sparsity of the prunable weights).
         uses_agents: the plan comes from the LLM agents (its transcript goes into the report).
+        runs_trials: the planner prunes, fine-tunes and evaluates trial models, so planning is as
+            heavy as the run itself (the workflow's ``plan_trials`` rule: a GPU job on a cluster).
         needs_profile: the planner reads ``profile.json`` (the CLI profiles only for these).
         config_section: the top-level config section the planner reads (a change there reruns
             this method's chain only).
@@ -64,6 +66,7 @@ class Method:
     name: ClassVar[str] = ""
     family: ClassVar[str] = "structured"
     uses_agents: ClassVar[bool] = False
+    runs_trials: ClassVar[bool] = False
     needs_profile: ClassVar[bool] = False
     config_section: ClassVar[str | None] = None
 

@@ -1,0 +1,88 @@
+"""The smoke workflow run that several test modules share, and the helpers that drive it.
+
+The run goes through the Snakemake Python API on ``config/smoke.yaml``; job counts per rule are
+derived from the files each run reports as updated.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "config" / "smoke.yaml"
+
+# The output file that identifies each rule's job (one per job).
+RULE_OF_OUTPUT = {
+    "dataset.json": "download_data",
+    "model.safetensors": "download_model",
+    "profile.json": "profile",
+    "plan.json": "plan",
+    "pruned.safetensors": "prune",
+    "finetuned.safetensors": "finetune",
+    "metrics.json": "evaluate",
+    "runs.csv": "stats",
+    "results.md": "paper",
+    "transcript.html": "transcript",
+}
+
+
+def run_snakemake(
+    workdir: Path, forcerun: list[str] | None = None, overrides: dict | None = None
+) -> Counter:
+    """Run the workflow with the Snakemake API; return the number of jobs per rule."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        DAGSettings,
+        OutputSettings,
+        ResourceSettings,
+    )
+
+    updated: list[str] = []
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=2),
+            config_settings=ConfigSettings(configfiles=[SMOKE], config=overrides or {}),
+            snakefile=ROOT / "Snakefile",
+            workdir=workdir,
+        )
+        dag = workflow.dag(DAGSettings(forcerun=forcerun or []))
+        dag.execute_workflow(executor="local", updated_files=updated)
+    jobs: Counter = Counter()
+    for path in updated:
+        name = Path(path).name
+        if name == "model.safetensors" and "/base/" not in path:
+            continue
+        if name == "metrics.json" and "/base/" in path:
+            continue
+        if name in RULE_OF_OUTPUT:
+            jobs[RULE_OF_OUTPUT[name]] += 1
+    return jobs
+
+
+def smoke_grid() -> dict[str, int]:
+    """Jobs per rule the smoke grid implies."""
+    cfg = yaml.safe_load(SMOKE.read_text())
+    from agentprune.pruning import methods
+
+    per_ratio = len(cfg["models"]) * len(cfg["seeds"])
+    families = [methods.get(m).family for m in cfg["methods"]]
+    runs = per_ratio * sum(
+        len(cfg["ratios"]) if f == "structured" else len(cfg["sparsities"]) for f in families
+    )
+    agent_runs = per_ratio * len(cfg["ratios"]) * cfg["methods"].count("multi_agent")
+    return {
+        "download_data": 1,
+        "download_model": len(cfg["models"]),
+        "profile": len(cfg["models"]),
+        "plan": runs,
+        "prune": runs,
+        "finetune": runs,
+        "evaluate": runs,
+        "transcript": agent_runs,
+        "stats": 1,
+        "paper": 1,
+    }
