@@ -37,6 +37,7 @@ localrules:
     stats,
     paper,
     transcript,
+    run_card,
 
 
 wildcard_constraints:
@@ -102,6 +103,24 @@ def all_metrics():
     return runs("metrics.json")
 
 
+def run_benchmarks():
+    """The benchmark file of every per-run job (plan, prune, finetune, evaluate) in the grid.
+
+    Base-model jobs are left out on purpose: with `--cache` they may be fetched instead of run, and
+    then have no benchmark file.
+    """
+    return [
+        path.replace(RESULTS + "/", BENCH + "/", 1).replace("/STEP", f"/{step}")
+        for step in ("plan", "prune", "finetune", "evaluate")
+        for path in runs("STEP.tsv")
+    ]
+
+
+def run_cards():
+    """The HTML card of every run (category Runs of the report)."""
+    return runs("run.html")
+
+
 def transcripts():
     """The HTML transcript of every agent-planned run (category Agents of the report)."""
     return runs("transcript.html", [m for m in config["methods"] if method_info(m).uses_agents])
@@ -121,12 +140,13 @@ def paper_outputs():
         PAPER + "/figures/accuracy_vs_sparsity.png",
         PAPER + "/figures/method_comparison.png",
         PAPER + "/figures/time_per_step.png",
+        PAPER + "/figures/time_memory_per_step.png",
     ]
 
 
 def report_outputs():
-    """Everything the HTML report shows: the paper's tables and figures and the transcripts."""
-    return paper_outputs() + transcripts()
+    """Everything the HTML report shows: tables, figures, agent transcripts and run cards."""
+    return paper_outputs() + transcripts() + run_cards()
 
 
 def render_report(cfg):

@@ -24,8 +24,12 @@ rule download_model:
         training=config["base_training"],
     log:
         LOGS + "/{dataset}/{model}/download_model.log",
-    benchmark:
-        BENCH + "/{dataset}/{model}/download_model.tsv"
+    # Between-workflow cache (`snakemake --cache` with $SNAKEMAKE_OUTPUT_CACHE): the base model is
+    # keyed by this script, the model entry, the training settings and the data set's provenance, so
+    # another study on the same model reuses it instead of downloading or training it again.
+    # Snakemake refuses `benchmark:` on a cached rule (a cache hit has nothing to measure); the
+    # training time is in base/metrics.json.
+    cache: True
     threads: 1
     script:
         "../scripts/download_model.py"

@@ -22,3 +22,21 @@ rule evaluate:
     threads: 1
     script:
         "../scripts/evaluate.py"
+
+
+rule run_card:
+    input:
+        metrics=RUN + "/metrics.json",
+        plan=RUN + "/plan.json",
+    output:
+        report(
+            RUN + "/run.html",
+            caption="../workflow/report/run_card.rst",
+            category="Runs",
+            subcategory="{model}",
+            labels={"model": "{model}", "method": "{method}", "ratio": "{ratio}", "seed": "{seed}"},
+        ),
+    log:
+        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/run_card.log",
+    script:
+        "../scripts/run_card.py"

@@ -6,6 +6,7 @@ rule paper:
         runs=STATS + "/runs.csv",
         summary=STATS + "/summary.csv",
         comparisons=STATS + "/comparisons.csv",
+        benchmarks=STATS + "/benchmarks.csv",
     output:
         md=report(
             PAPER + "/tables/results.md",
@@ -72,6 +73,12 @@ rule paper:
             caption="../workflow/report/fig_time_per_step.rst",
             category="Figures",
             labels={"figure": "time per step"},
+        ),
+        resources=report(
+            PAPER + "/figures/time_memory_per_step.png",
+            caption="../workflow/report/fig_time_memory_per_step.rst",
+            category="Figures",
+            labels={"figure": "job time and memory per step"},
         ),
     params:
         templates=str(Path(workflow.basedir) / "workflow" / "templates"),

@@ -11,8 +11,9 @@ rule profile:
         profile=config["profile"],
     log:
         LOGS + "/{dataset}/{model}/profile.log",
-    benchmark:
-        BENCH + "/{dataset}/{model}/profile.tsv"
+    # Shared between workflows like the base model it is computed from (see download_model, also
+    # for why there is no benchmark: here).
+    cache: True
     threads: 1
     script:
         "../scripts/profile.py"

@@ -4,10 +4,12 @@
 rule stats:
     input:
         metrics=all_metrics(),
+        benchmarks=run_benchmarks(),
     output:
         runs=STATS + "/runs.csv",
         summary=STATS + "/summary.csv",
         comparisons=STATS + "/comparisons.csv",
+        benchmarks=STATS + "/benchmarks.csv",
     params:
         stats=config["stats"],
     log:

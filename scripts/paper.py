@@ -12,4 +12,5 @@ render_paper(
     templates_dir=snakemake.params.templates,
     reference_method=snakemake.params.reference_method,
     references=snakemake.params.references,
+    benchmarks_csv=snakemake.input.benchmarks,
 )

@@ -1,7 +1,8 @@
-"""Snakemake script: aggregate the runs' metrics.json into results/stats/*.csv."""
+"""Snakemake script: the runs' metrics.json and benchmark files -> results/stats/*.csv."""
 
 from pathlib import Path
 
+from agentprune.benchmarks import write_benchmarks
 from agentprune.stats import write_stats
 
 write_stats(
@@ -10,3 +11,4 @@ write_stats(
     confidence=snakemake.params.stats["confidence"],
     alpha=snakemake.params.stats["alpha"],
 )
+write_benchmarks(snakemake.input.benchmarks, snakemake.output.benchmarks)

@@ -26,6 +26,7 @@ RULE_OF_OUTPUT = {
     "runs.csv": "stats",
     "results.md": "paper",
     "transcript.html": "transcript",
+    "run.html": "run_card",
 }
 
 
@@ -83,6 +84,7 @@ def smoke_grid() -> dict[str, int]:
         "finetune": runs,
         "evaluate": runs,
         "transcript": agent_runs,
+        "run_card": runs,
         "stats": 1,
         "paper": 1,
     }

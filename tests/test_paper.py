@@ -182,6 +182,7 @@ def test_render_paper_writes_every_output(rendered):
         "accuracy_vs_sparsity": out / "figures" / "accuracy_vs_sparsity.png",
         "method_comparison": out / "figures" / "method_comparison.png",
         "time_per_step": out / "figures" / "time_per_step.png",
+        "time_memory_per_step": out / "figures" / "time_memory_per_step.png",
     }
     assert outputs == expected
     for path in expected.values():

@@ -33,7 +33,8 @@ def test_full_run_builds_every_job_and_the_report(workdir: Path, first_run: Coun
     results = workdir / "results"
     report = results / "report.html"
     assert report.is_file() and report.stat().st_size > 100_000
-    for fig in ("accuracy_vs_macs", "accuracy_vs_sparsity", "method_comparison", "time_per_step"):
+    figures = ("accuracy_vs_macs", "accuracy_vs_sparsity", "method_comparison", "time_per_step")
+    for fig in (*figures, "time_memory_per_step"):
         assert (results / "paper" / "figures" / f"{fig}.png").stat().st_size > 5_000
     table = (results / "paper" / "tables" / "results.md").read_text()
     assert "isomorphic" in table and "magnitude_l2" in table and "icbs" not in table
@@ -70,6 +71,7 @@ def test_forcerun_finetune_reruns_only_descendants(workdir: Path, first_run: Cou
     assert dict(jobs) == {
         "finetune": grid["finetune"],
         "evaluate": grid["evaluate"],
+        "run_card": grid["run_card"],
         "stats": 1,
         "paper": 1,
     }

@@ -508,6 +508,8 @@ def render_tables(
         templates_dir: Directory with ``table.md.j2``, ``table.tex.j2``, ``table.html.j2``.
         reference_method: Method that the ``Δ`` column compares against.
         references: Published reference rows (see :func:`table_rows`).
+        benchmarks_csv: ``benchmarks.csv`` of :mod:`agentprune.benchmarks` (job wall time and
+            peak memory); without it the time and memory figure says so.
 
     Returns:
         The written files, in the order md, tex, html.
@@ -836,6 +838,54 @@ def plot_time_per_step(runs: pd.DataFrame, path: str | Path) -> Path:
     return _save(grid.figure, path)
 
 
+def plot_time_memory_per_step(bench: pd.DataFrame, path: str | Path) -> Path:
+    """Job wall seconds and peak memory per pipeline step and method, from the benchmark files.
+
+    One row of panels per model: wall seconds (left) and peak resident memory in MB (right); bars
+    are means over ratios and seeds, error bars one standard deviation.
+
+    Args:
+        bench: ``benchmarks.csv`` of :mod:`agentprune.benchmarks`.
+        path: Output PNG.
+
+    Returns:
+        ``path``.
+    """
+    _theme()
+    needed = {"model", "method", "step", "seconds", "max_rss_mb"}
+    if bench.empty or not needed <= set(bench.columns):
+        return _placeholder(path, "no benchmark files (results/benchmarks/**.tsv)")
+    metrics = {"seconds": "wall seconds", "max_rss_mb": "peak memory (MB)"}
+    long = bench.melt(
+        id_vars=["model", "method", "step"],
+        value_vars=list(metrics),
+        var_name="metric",
+        value_name="value",
+    )
+    long["metric"] = long["metric"].map(metrics)
+    long = long.dropna(subset=["value"])
+    steps = [s for s in STEPS if s in set(long["step"])]
+    grid = sns.catplot(
+        data=long,
+        kind="bar",
+        x="step",
+        y="value",
+        hue="method",
+        order=steps,
+        hue_order=_methods(long),
+        col="metric",
+        col_order=list(metrics.values()),
+        row="model",
+        errorbar="sd",
+        sharey=False,
+        height=3.2,
+        aspect=1.4,
+    )
+    grid.set_titles("{row_name}: {col_name}")
+    grid.set_axis_labels("", "")
+    return _save(grid.figure, path)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -855,13 +905,15 @@ def render_paper(
     templates_dir: str | Path,
     reference_method: str = "isomorphic",
     references: list[dict] | None = None,
+    benchmarks_csv: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write the paper's tables and figures.
 
     Layout under ``out_dir``: ``tables/results.{md,tex,html}`` (structured methods),
     ``tables/unstructured.{md,tex,html}`` (unstructured methods), ``tables/comparisons.md``,
     ``figures/accuracy_vs_macs.png``, ``figures/accuracy_vs_sparsity.png``,
-    ``figures/method_comparison.png``, ``figures/time_per_step.png``.
+    ``figures/method_comparison.png``, ``figures/time_per_step.png``,
+    ``figures/time_memory_per_step.png``.
 
     Args:
         runs_csv: ``runs.csv`` of :mod:`agentprune.stats`.
@@ -871,11 +923,14 @@ def render_paper(
         templates_dir: Directory with the ``*.j2`` templates.
         reference_method: Method that the table's ``Δ`` column compares against.
         references: Published reference rows (see :func:`table_rows`).
+        benchmarks_csv: ``benchmarks.csv`` of :mod:`agentprune.benchmarks` (job wall time and
+            peak memory); without it the time and memory figure says so.
 
     Returns:
         Paths keyed ``results_md``, ``results_tex``, ``results_html``, ``unstructured_md``,
         ``unstructured_tex``, ``unstructured_html``, ``comparisons_md``, ``accuracy_vs_macs``,
-        ``accuracy_vs_sparsity``, ``method_comparison``, ``time_per_step``.
+        ``accuracy_vs_sparsity``, ``method_comparison``, ``time_per_step``,
+        ``time_memory_per_step``.
     """
     out = Path(out_dir)
     tables, figures = out / "tables", out / "figures"
@@ -909,4 +964,8 @@ def render_paper(
         "accuracy_vs_macs": plot_accuracy_vs_macs(runs, figures / "accuracy_vs_macs.png"),
         "method_comparison": plot_method_comparison(runs, figures / "method_comparison.png"),
         "time_per_step": plot_time_per_step(runs, figures / "time_per_step.png"),
+        "time_memory_per_step": plot_time_memory_per_step(
+            _read_csv(benchmarks_csv) if benchmarks_csv else pd.DataFrame(),
+            figures / "time_memory_per_step.png",
+        ),
     }

@@ -1,0 +1,94 @@
+"""Snakemake ``benchmark:`` files of the per-run jobs, gathered into one table.
+
+Each heavy rule writes
+``results/benchmarks/{dataset}/{model}/{method}/r{ratio}/s{seed}/{step}.tsv``: one row with the
+job's wall seconds, peak memory (``max_rss``, MB) and CPU seconds, measured by Snakemake around the
+whole job (interpreter start, imports and I/O included). That is what a cluster job must be sized
+for, so it complements the in-process step times of ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+# Per-run steps, in pipeline order.
+STEPS = ("plan", "prune", "finetune", "evaluate")
+COLUMNS = [
+    "dataset",
+    "model",
+    "method",
+    "ratio",
+    "seed",
+    "step",
+    "seconds",
+    "max_rss_mb",
+    "cpu_seconds",
+]
+
+
+def _identity(path: Path) -> dict[str, object]:
+    """Parse ``.../{dataset}/{model}/{method}/r{ratio}/s{seed}/{step}.tsv``."""
+    parts = path.parts[-6:]
+    if len(parts) < 6 or not parts[3].startswith("r") or not parts[4].startswith("s"):
+        raise ValueError(
+            f"benchmark file {path} is not .../dataset/model/method/r<ratio>/s<seed>/<step>.tsv"
+        )
+    dataset, model, method, ratio, seed, name = parts
+    step = Path(name).stem
+    if step not in STEPS:
+        raise ValueError(f"benchmark file {path}: step {step!r} is not one of {', '.join(STEPS)}")
+    return {
+        "dataset": dataset,
+        "model": model,
+        "method": method,
+        "ratio": float(ratio[1:]),
+        "seed": int(seed[1:]),
+        "step": step,
+    }
+
+
+def read_benchmark(path: str | Path) -> dict[str, object]:
+    """One benchmark file as a record of :data:`COLUMNS`.
+
+    Args:
+        path: A Snakemake benchmark TSV (columns ``s``, ``max_rss``, ``cpu_time``, ...).
+
+    Raises:
+        ValueError: The path does not follow the layout, or the file lacks a column.
+    """
+    path = Path(path)
+    record = _identity(path)
+    table = pd.read_csv(path, sep="\t")
+    missing = {"s", "max_rss", "cpu_time"} - set(table.columns)
+    if table.empty or missing:
+        raise ValueError(f"benchmark file {path} lacks {sorted(missing) or 'a data row'}")
+    # With --benchmark-repeats a file has several rows; the mean is the job's typical cost.
+    values = table[["s", "max_rss", "cpu_time"]].apply(pd.to_numeric, errors="coerce").mean()
+    record.update(
+        seconds=float(values["s"]),
+        max_rss_mb=float(values["max_rss"]),
+        cpu_seconds=float(values["cpu_time"]),
+    )
+    return record
+
+
+def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """All benchmark files as one frame (columns :data:`COLUMNS`), in pipeline step order."""
+    frame = pd.DataFrame([read_benchmark(p) for p in paths], columns=COLUMNS)
+    order = {step: i for i, step in enumerate(STEPS)}
+    frame = frame.sort_values(
+        ["dataset", "model", "method", "ratio", "seed", "step"],
+        key=lambda col: col.map(order) if col.name == "step" else col,
+    )
+    return frame.reset_index(drop=True)
+
+
+def write_benchmarks(paths: Iterable[str | Path], out_csv: str | Path) -> Path:
+    """Write :func:`collect` of ``paths`` to ``out_csv``."""
+    out = Path(out_csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    collect(paths).to_csv(out, index=False)
+    return out
