@@ -31,9 +31,19 @@ RULE_OF_OUTPUT = {
 
 
 def run_snakemake(
-    workdir: Path, forcerun: list[str] | None = None, overrides: dict | None = None
+    workdir: Path,
+    forcerun: list[str] | None = None,
+    overrides: dict | None = None,
+    until: list[str] | None = None,
 ) -> Counter:
-    """Run the workflow with the Snakemake API; return the number of jobs per rule."""
+    """Run the workflow with the Snakemake API; return the number of jobs per rule.
+
+    Args:
+        workdir: The run's working directory (results/ goes there).
+        forcerun: Rules to rerun with their descendants (``-R``).
+        overrides: Config values merged over config/smoke.yaml (``--config``).
+        until: Rules after which to stop (``--until``).
+    """
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (
         ConfigSettings,
@@ -50,7 +60,7 @@ def run_snakemake(
             snakefile=ROOT / "Snakefile",
             workdir=workdir,
         )
-        dag = workflow.dag(DAGSettings(forcerun=forcerun or []))
+        dag = workflow.dag(DAGSettings(forcerun=forcerun or [], until=until or []))
         dag.execute_workflow(executor="local", updated_files=updated)
     jobs: Counter = Counter()
     for path in updated:

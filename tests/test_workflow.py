@@ -7,12 +7,14 @@ One module-scoped temp workdir carries the three runs in order: a full run, a no
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from smoke import ROOT, SMOKE, run_snakemake, smoke_grid
 
 pytestmark = pytest.mark.workflow
@@ -64,17 +66,56 @@ def test_second_run_is_a_noop(workdir: Path, first_run: Counter) -> None:
     assert report.stat().st_mtime == before
 
 
+def per_run(*rules: str) -> dict[str, int]:
+    """Every run of the smoke grid once per rule, plus the aggregate stats and paper jobs."""
+    grid = smoke_grid()
+    return {**{rule: grid[rule] for rule in rules}, "stats": 1, "paper": 1}
+
+
 def test_forcerun_finetune_reruns_only_descendants(workdir: Path, first_run: Counter) -> None:
     assert sum(first_run.values()) > 0
-    grid = smoke_grid()
     jobs = run_snakemake(workdir, forcerun=["finetune"])
-    assert dict(jobs) == {
-        "finetune": grid["finetune"],
-        "evaluate": grid["evaluate"],
-        "run_card": grid["run_card"],
-        "stats": 1,
-        "paper": 1,
-    }
+    assert dict(jobs) == per_run("finetune", "evaluate", "run_card")
+
+
+def test_until_evaluate_stops_there_and_the_rest_follows(workdir: Path, first_run: Counter) -> None:
+    assert sum(first_run.values()) > 0
+    grid = smoke_grid()
+    jobs = run_snakemake(workdir, forcerun=["finetune"], until=["evaluate"])
+    assert dict(jobs) == {"finetune": grid["finetune"], "evaluate": grid["evaluate"]}
+    # The next plain run catches up on exactly what --until held back.
+    assert dict(run_snakemake(workdir)) == per_run("run_card")
+
+
+FINETUNE_CHANGE = {"finetune": {"lr": 0.002}}
+
+
+def test_changed_finetune_params_rerun_finetune_and_downstream_only(
+    workdir: Path, first_run: Counter
+) -> None:
+    assert sum(first_run.values()) > 0
+    reports = sorted(workdir.glob("results/digits/*/*/*/*/finetune_report.json"))
+    before = [json.loads(p.read_text())["epoch_loss"] for p in reports]
+    jobs = run_snakemake(workdir, overrides=FINETUNE_CHANGE)
+    assert dict(jobs) == per_run("finetune", "evaluate", "run_card")
+    after = [json.loads(p.read_text())["epoch_loss"] for p in reports]
+    # The new learning rate reached every fine-tuning run.
+    assert len(reports) == smoke_grid()["finetune"]
+    assert all(a != b for a, b in zip(after, before))
+
+
+def test_changed_method_settings_rerun_only_that_methods_chain(
+    workdir: Path, first_run: Counter
+) -> None:
+    assert sum(first_run.values()) > 0
+    cfg = yaml.safe_load(SMOKE.read_text())
+    overrides = {**FINETUNE_CHANGE, "method_settings": {"magnitude_l2": {"round_to": 2}}}
+    jobs = run_snakemake(workdir, overrides=overrides)
+    one_chain = len(cfg["seeds"]) * len(cfg["ratios"]) * len(cfg["models"])
+    chain = {rule: one_chain for rule in ("plan", "prune", "finetune", "evaluate", "run_card")}
+    assert dict(jobs) == {**chain, "stats": 1, "paper": 1}
+    plans = list(workdir.glob("results/digits/*/magnitude_l2/*/*/plan.json"))
+    assert plans and all(json.loads(p.read_text())["pruner"]["round_to"] == 2 for p in plans)
 
 
 def test_bad_config_fails_before_any_job_with_one_line(tmp_path: Path) -> None:
@@ -155,3 +196,34 @@ def test_no_api_key_reaches_any_artifact_or_log(
     assert len(files) > 20
     leaks = [str(p) for p in files if key.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_cache_reuses_base_model_and_profile_in_another_workdir(tmp_path: Path) -> None:
+    """`snakemake --cache` with $SNAKEMAKE_OUTPUT_CACHE: a second study neither trains the base
+    model nor profiles it again, and gets byte-identical files."""
+    (tmp_path / "cache").mkdir()  # Snakemake does not create it
+    env = {**os.environ, "SNAKEMAKE_OUTPUT_CACHE": str(tmp_path / "cache")}
+    target = "results/digits/vit/profile.json"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--cores", "2"]
+    # Both --cache (no rule names: every rule with cache: True) and --configfile take a list.
+    cmd += [target, "--cache", "--configfile", str(SMOKE)]
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        proc = subprocess.run(
+            cmd, cwd=tmp_path / name, env=env, capture_output=True, text=True, timeout=900
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    # The second run linked every cached file instead of running the jobs.
+    for rel in ("base/model.safetensors", "base/model.json", "base/metrics.json", "profile.json"):
+        assert f"output file results/digits/vit/{rel} from cache" in proc.stderr, rel
+    first, second = tmp_path / "first", tmp_path / "second"
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 4, cached  # three base-model files and the profile
+    # The jobs' scripts never ran in the second workdir: they would have written their logs.
+    for log in ("download_model.log", "profile.log"):
+        assert (first / "results/logs/digits/vit" / log).stat().st_size > 0
+        second_log = second / "results/logs/digits/vit" / log
+        assert not second_log.exists() or second_log.stat().st_size == 0
+    base = "results/digits/vit/base"
+    for rel in (f"{base}/model.safetensors", f"{base}/model.json", f"{base}/metrics.json", target):
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
