@@ -133,6 +133,7 @@ def paper_outputs():
         PAPER + "/tables/results.tex",
         PAPER + "/tables/results.html",
         PAPER + "/tables/comparisons.md",
+        PAPER + "/tables/comparisons.html",
         PAPER + "/tables/unstructured.md",
         PAPER + "/tables/unstructured.tex",
         PAPER + "/tables/unstructured.html",

@@ -8,6 +8,8 @@ rule download_data:
         dataset=config["dataset"],
     log:
         LOGS + "/{dataset}/download_data.log",
+    conda:
+        "../envs/torch.yaml"
     script:
         "../scripts/download_data.py"
 
@@ -31,5 +33,7 @@ rule download_model:
     # training time is in base/metrics.json.
     cache: True
     threads: 1
+    conda:
+        "../envs/torch.yaml"
     script:
         "../scripts/download_model.py"

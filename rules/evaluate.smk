@@ -20,6 +20,8 @@ rule evaluate:
     benchmark:
         BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/evaluate.tsv"
     threads: 1
+    conda:
+        "../envs/torch.yaml"
     script:
         "../scripts/evaluate.py"
 
@@ -38,5 +40,7 @@ rule run_card:
         ),
     log:
         LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/run_card.log",
+    conda:
+        "../envs/report.yaml"
     script:
         "../scripts/run_card.py"

@@ -19,5 +19,7 @@ rule finetune:
     benchmark:
         BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/finetune.tsv"
     threads: 1
+    conda:
+        "../envs/torch.yaml"
     script:
         "../scripts/finetune.py"

@@ -32,6 +32,12 @@ rule paper:
             category="Tables",
             labels={"table": "comparisons", "format": "markdown"},
         ),
+        comparisons_html=report(
+            PAPER + "/tables/comparisons.html",
+            caption="../workflow/report/table_comparisons.rst",
+            category="Tables",
+            labels={"table": "comparisons", "format": "html"},
+        ),
         unstructured_md=report(
             PAPER + "/tables/unstructured.md",
             caption="../workflow/report/table_unstructured.rst",
@@ -81,10 +87,11 @@ rule paper:
             labels={"figure": "job time and memory per step"},
         ),
     params:
-        templates=str(Path(workflow.basedir) / "workflow" / "templates"),
         reference_method=config["paper"]["reference_method"],
         references=config["paper"]["references"],
     log:
         LOGS + "/paper.log",
+    conda:
+        "../envs/report.yaml"
     script:
         "../scripts/paper.py"

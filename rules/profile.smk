@@ -15,5 +15,7 @@ rule profile:
     # for why there is no benchmark: here).
     cache: True
     threads: 1
+    conda:
+        "../envs/torch.yaml"
     script:
         "../scripts/profile.py"

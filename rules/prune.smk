@@ -24,6 +24,8 @@ rule plan:
     benchmark:
         BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/plan.tsv"
     threads: 1
+    conda:
+        "../envs/torch.yaml"
     script:
         "../scripts/plan.py"
 
@@ -31,6 +33,9 @@ rule plan:
 use rule plan as plan_trials with:
     wildcard_constraints:
         method="|".join(trial_methods()),
+    # The local LLM backend (llama-cpp-python + the bundled SmolLM2) on top of the torch stack.
+    conda:
+        "../envs/llm.yaml"
 
 
 ruleorder: plan_trials > plan
@@ -50,6 +55,8 @@ rule prune:
     benchmark:
         BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/prune.tsv"
     threads: 1
+    conda:
+        "../envs/torch.yaml"
     script:
         "../scripts/prune.py"
 
@@ -67,5 +74,7 @@ rule transcript:
         ),
     log:
         LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/transcript.log",
+    conda:
+        "../envs/report.yaml"
     script:
         "../scripts/transcript.py"

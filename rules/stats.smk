@@ -14,5 +14,7 @@ rule stats:
         stats=config["stats"],
     log:
         LOGS + "/stats.log",
+    conda:
+        "../envs/report.yaml"
     script:
         "../scripts/stats.py"
