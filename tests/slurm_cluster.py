@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -69,8 +70,9 @@ class SlurmCluster:
     """A single-node Slurm cluster whose files all live under ``root``.
 
     The node declares the machine's real CPUs (from ``slurmd -C``), so jobs run as many at a time
-    as there are cores, and a count-only GPU GRES so that ``--gpus`` requests are scheduled
-    without a GPU. Each partition holds the same node; the first one is the default.
+    as there are cores, and stand-in GPUs (GRES backed by /dev/null and /dev/zero) so that
+    ``--gpus`` requests are scheduled without a GPU. Each partition holds the same node; the
+    first one is the default.
 
     Args:
         root: Directory for every file the cluster writes (created; should be empty).
@@ -102,23 +104,30 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.log_dir = self.root / "log"
         self.munge_socket = self.root / "munge" / "munge.socket"
+        self.bin_dir = self.root / "bin"
         self._procs: dict[str, subprocess.Popen] = {}
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """An environment in which Slurm commands talk to this cluster.
+        """An environment in which Slurm commands, and jobs' own ``srun``, use this cluster.
 
         Inherited ``SLURM_*`` variables are dropped: inside a CI job that itself runs under
         Slurm they would describe the outer allocation and mislead sbatch and the executor.
+        ``PATH`` starts with the cluster's ``bin``, whose ``srun`` sets ``SLURM_CONF`` itself:
+        snakemake-executor-plugin-slurm-jobstep removes every ``SLURM_*`` variable but the job's
+        identity before the ``srun`` that runs a job's step, and without ``SLURM_CONF`` srun
+        looks for a config at the default path or through DNS, where this cluster has none.
 
         Args:
             base: Environment to start from; default ``os.environ``.
 
         Returns:
-            ``base`` without ``SLURM_*`` and with ``SLURM_CONF`` set to this cluster's config.
+            ``base`` without ``SLURM_*``, with ``SLURM_CONF`` set to this cluster's config and
+            the cluster's ``bin`` first on ``PATH``.
         """
         source = os.environ if base is None else base
         env = {k: v for k, v in source.items() if not k.startswith("SLURM_")}
         env["SLURM_CONF"] = str(self.conf)
+        env["PATH"] = os.pathsep.join([str(self.bin_dir), env.get("PATH", os.defpath)])
         return env
 
     def start(self, timeout: float = 60.0) -> None:
@@ -133,7 +142,9 @@ class SlurmCluster:
         """
         if os.geteuid() != 0:
             raise SlurmStartError("a Slurm cluster needs root (slurmd runs jobs as their user)")
-        missing = [cmd for cmd in (*DAEMONS, "sbatch", "sinfo", "squeue") if not shutil.which(cmd)]
+        missing = [
+            cmd for cmd in (*DAEMONS, "sbatch", "srun", "sinfo", "squeue") if not shutil.which(cmd)
+        ]
         if missing:
             raise SlurmStartError(f"not on PATH: {', '.join(missing)}")
         if len(os.fsencode(self.munge_socket)) > MAX_SOCKET_PATH:
@@ -191,6 +202,9 @@ class SlurmCluster:
 
         Returns:
             The jobs in submission order.
+
+        Raises:
+            SlurmError: ``squeue`` failed, e.g. because slurmctld is not running.
         """
         out = self._run(["squeue", "--json"]).stdout
         jobs = []
@@ -219,9 +233,13 @@ class SlurmCluster:
     def log_tails(self, lines: int = 20) -> str:
         """The last lines of each daemon's log, for a failure message."""
         parts = []
-        for path in sorted(self.log_dir.iterdir()):
-            tail = path.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        for name in DAEMONS:
+            # In the foreground slurmctld and slurmd log the same lines to .out as to .log.
+            candidates = [self.log_dir / f"{name}.log", self.log_dir / f"{name}.out"]
+            path = next((p for p in candidates if p.exists() and p.stat().st_size), None)
+            if path is not None:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {path}\n" + "\n".join(tail))
         return "\n".join(parts)
 
     def _write_files(self) -> None:
@@ -274,7 +292,7 @@ class SlurmCluster:
             lines.append("SlurmdParameters=config_overrides")
         if self.gpus:
             lines.append("GresTypes=gpu")
-        lines.append(f"NodeName={node_line} NodeAddr=127.0.0.1 State=UNKNOWN")
+        lines.append(f"{node_line} NodeAddr=127.0.0.1 State=UNKNOWN")
         for i, part in enumerate(self.partitions):
             default = "YES" if i == 0 else "NO"
             lines.append(
@@ -283,6 +301,19 @@ class SlurmCluster:
             )
         self.conf.write_text("\n".join(lines) + "\n")
         (self.root / "gres.conf").write_text(self._gres_conf())
+        self._write_srun_shim()
+
+    def _write_srun_shim(self) -> None:
+        """``bin/srun``: the real srun with ``SLURM_CONF`` pointing here (see :meth:`env`)."""
+        self.bin_dir.mkdir(parents=True, exist_ok=True)
+        real = shutil.which("srun")
+        if real is None:
+            raise SlurmStartError("srun not on PATH")
+        shim = self.bin_dir / "srun"
+        shim.write_text(
+            f'#!/bin/sh\nSLURM_CONF={shlex.quote(str(self.conf))} exec {shlex.quote(real)} "$@"\n'
+        )
+        shim.chmod(0o755)
 
     def _gres_conf(self) -> str:
         # A count-only GPU (Count=N without File) registers as 0 GPUs in 22.05 and the node is
