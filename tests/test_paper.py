@@ -178,6 +178,7 @@ def test_render_paper_writes_every_output(rendered):
         "unstructured_tex": out / "tables" / "unstructured.tex",
         "unstructured_html": out / "tables" / "unstructured.html",
         "comparisons_md": out / "tables" / "comparisons.md",
+        "comparisons_html": out / "tables" / "comparisons.html",
         "accuracy_vs_macs": out / "figures" / "accuracy_vs_macs.png",
         "accuracy_vs_sparsity": out / "figures" / "accuracy_vs_sparsity.png",
         "method_comparison": out / "figures" / "method_comparison.png",
@@ -343,6 +344,7 @@ def test_single_seed_renders_without_ci(tmp_path):
     assert len(body) == len(MODELS) * (len(RATIOS) * len(STRUCTURED) + 1)
     assert all("±" not in row[5] for row in body)
     assert "No comparisons" in out["comparisons_md"].read_text()
+    assert "No comparisons" in out["comparisons_html"].read_text()
     for name in ("accuracy_vs_macs", "method_comparison", "time_per_step"):
         assert out[name].read_bytes().startswith(PNG_MAGIC)
 

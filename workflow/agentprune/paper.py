@@ -32,6 +32,8 @@ CONFIDENCE = 0.95
 """Confidence level of the figures' error bars/bands (Student-t over seeds, as in the tables)."""
 BASE_METHOD = "base"
 STEPS = ("plan", "prune", "finetune", "evaluate")
+# The jinja2 templates shipped next to the package (workflow/templates).
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 """Pipeline steps with a ``seconds_{step}`` column in ``runs.csv``."""
 
 TABLE_FORMATS = ("md", "tex", "html")
@@ -553,24 +555,28 @@ def _sparsity_caption(datasets: Sequence[str]) -> str:
 
 def render_comparisons(
     comparisons: pd.DataFrame, out_dir: str | Path, templates_dir: str | Path
-) -> Path:
-    """Render ``comparisons.md`` (template ``comparisons.md.j2``) into ``out_dir``.
+) -> tuple[Path, Path]:
+    """Render ``comparisons.md`` and ``comparisons.html`` into ``out_dir``.
 
     Args:
         comparisons: ``comparisons.csv`` of :mod:`agentprune.stats` (may be empty).
         out_dir: Output directory (created if needed).
-        templates_dir: Directory with ``comparisons.md.j2``.
+        templates_dir: Directory with ``comparisons.md.j2`` and ``comparisons.html.j2``.
 
     Returns:
-        The written file.
+        The Markdown and the HTML file.
     """
     rows = comparison_rows(comparisons)
     datasets = _datasets(comparisons)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "comparisons.md"
-    template = make_environment(templates_dir).get_template("comparisons.md.j2")
-    return _write(path, template.render(rows=rows, show_dataset=len(datasets) > 1))
+    env = make_environment(templates_dir)
+    written = []
+    for ext in ("md", "html"):
+        template = env.get_template(f"comparisons.{ext}.j2")
+        text = template.render(rows=rows, show_dataset=len(datasets) > 1)
+        written.append(_write(out / f"comparisons.{ext}", text))
+    return written[0], written[1]
 
 
 # --------------------------------------------------------------------------- figures
@@ -835,6 +841,9 @@ def plot_time_per_step(runs: pd.DataFrame, path: str | Path) -> Path:
     )
     grid.set_titles("{col_name}")
     grid.set_axis_labels("wall seconds (mean over ratios and seeds)", "")
+    # With few seeds the t-interval reaches below zero; time cannot.
+    for ax in grid.axes.flat:
+        ax.set_xlim(left=0)
     return _save(grid.figure, path)
 
 
@@ -910,7 +919,7 @@ def render_paper(
     """Write the paper's tables and figures.
 
     Layout under ``out_dir``: ``tables/results.{md,tex,html}`` (structured methods),
-    ``tables/unstructured.{md,tex,html}`` (unstructured methods), ``tables/comparisons.md``,
+    ``tables/unstructured.{md,tex,html}`` (unstructured methods), ``tables/comparisons.{md,html}``,
     ``figures/accuracy_vs_macs.png``, ``figures/accuracy_vs_sparsity.png``,
     ``figures/method_comparison.png``, ``figures/time_per_step.png``,
     ``figures/time_memory_per_step.png``.
@@ -928,7 +937,8 @@ def render_paper(
 
     Returns:
         Paths keyed ``results_md``, ``results_tex``, ``results_html``, ``unstructured_md``,
-        ``unstructured_tex``, ``unstructured_html``, ``comparisons_md``, ``accuracy_vs_macs``,
+        ``unstructured_tex``, ``unstructured_html``, ``comparisons_md``, ``comparisons_html``,
+        ``accuracy_vs_macs``,
         ``accuracy_vs_sparsity``, ``method_comparison``, ``time_per_step``,
         ``time_memory_per_step``.
     """
@@ -950,6 +960,9 @@ def render_paper(
         title="Unstructured pruning (iCBS, Wanda, magnitude).",
         caption=_sparsity_caption(_datasets(sparse)),
     )
+    comparisons_md, comparisons_html = render_comparisons(
+        _read_csv(comparisons_csv), tables, templates_dir
+    )
     return {
         "results_md": md,
         "results_tex": tex,
@@ -960,7 +973,8 @@ def render_paper(
         "accuracy_vs_sparsity": plot_accuracy_vs_sparsity(
             runs, figures / "accuracy_vs_sparsity.png"
         ),
-        "comparisons_md": render_comparisons(_read_csv(comparisons_csv), tables, templates_dir),
+        "comparisons_md": comparisons_md,
+        "comparisons_html": comparisons_html,
         "accuracy_vs_macs": plot_accuracy_vs_macs(runs, figures / "accuracy_vs_macs.png"),
         "method_comparison": plot_method_comparison(runs, figures / "method_comparison.png"),
         "time_per_step": plot_time_per_step(runs, figures / "time_per_step.png"),
