@@ -37,7 +37,9 @@ def run(
     env = {**os.environ, "SNAKEMAKE_OUTPUT_CACHE": str(cache)}
     workdir.mkdir(parents=True)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"snakemake failed in {workdir}:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
 
 
