@@ -1,4 +1,14 @@
-# download: the data set and the base model (pretrained from the hub, or trained from scratch here).
+# download: the data set, pretrained weights, and the base model (pretrained, or trained here).
+#
+# download_data and download_weights are the only jobs that touch the network; both are local
+# rules (the login node has the internet, compute nodes may not) and both run before any training,
+# so a missing data set or weights file fails the study first.
+
+
+def is_pretrained(name):
+    """Whether config.models entry `name` starts from pretrained weights (hub or file)."""
+    entry = model_entry(name)
+    return bool(entry.get("pretrained") or entry.get("pretrained_file"))
 
 
 rule download_data:
@@ -14,9 +24,32 @@ rule download_data:
         "../scripts/download_data.py"
 
 
+# The keys of a models entry that decide which weights file is fetched and how it is checked (a
+# params trigger: a changed `train` or `overrides` retrains the base model but re-fetches nothing).
+WEIGHTS_KEYS = ("timm", "pretrained", "pretrained_file", "weights_cache", "sha256")
+
+
+rule download_weights:
+    output:
+        RESULTS + "/weights/{model}.json",
+    params:
+        weights=lambda wc: {key: model_entry(wc.model).get(key) for key in WEIGHTS_KEYS},
+    log:
+        LOGS + "/weights/{model}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/download_weights.py"
+
+
 rule download_model:
     input:
-        RESULTS + "/{dataset}/dataset.json",
+        dataset=RESULTS + "/{dataset}/dataset.json",
+        # Pretrained models read the file that download_weights fetched and verified; models
+        # trained from scratch need nothing from the network.
+        weights=lambda wc: (
+            [RESULTS + f"/weights/{wc.model}.json"] if is_pretrained(wc.model) else []
+        ),
     output:
         weights=BASE + "/model.safetensors",
         structure=BASE + "/model.json",

@@ -1,4 +1,4 @@
-"""Snakemake script: the base model, from the hub (pretrained) or trained from scratch."""
+"""Snakemake script: the base model, from verified pretrained weights or trained from scratch."""
 
 from pathlib import Path
 
@@ -10,4 +10,5 @@ with steps.logged(snakemake.log[0], snakemake.threads):
         snakemake.wildcards.model,
         Path(snakemake.output.weights).with_suffix(""),
         snakemake.output.metrics,
+        weights_json=snakemake.input.weights[0] if snakemake.input.weights else None,
     )

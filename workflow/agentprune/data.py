@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+# Fixed class counts; imagenet is absent on purpose: an ImageFolder's classes are its folders.
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 # Channel statistics used to normalise inputs (ImageNet values, as timm uses for its pretrained
 # models).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,9 +48,15 @@ class Splits:
 
 
 def num_classes(cfg: dict[str, Any]) -> int:
-    """Number of classes of the configured data set."""
+    """Number of classes of the configured data set.
+
+    An ImageFolder's classes are its folders (a subset of ImageNet is as valid as the full 1000),
+    so imagenet counts them instead of trusting ``NUM_CLASSES``.
+    """
     if cfg["name"] == "synthetic":
         return int(cfg.get("synthetic_classes", 10))
+    if cfg["name"] == "imagenet":
+        return len(check_image_folder(cfg))
     return NUM_CLASSES[cfg["name"]]
 
 
@@ -131,6 +139,7 @@ def _synthetic(cfg: dict[str, Any]) -> Splits:
 
 
 def _torchvision_transforms(size: int, train: bool):
+    """CIFAR's transforms: the 32 px images are resized (not cropped away) to ``size``."""
     import torchvision.transforms as T
 
     ops = (
@@ -152,6 +161,7 @@ def _cifar(cfg: dict[str, Any], download: bool) -> Splits:
     )
     root = Path(cfg.get("root") or "data")
     size = int(cfg["img_size"])
+    where = f"dataset.root={str(root)!r}"
     try:
         train_full = cls(
             root, train=True, download=download, transform=_torchvision_transforms(size, True)
@@ -163,7 +173,14 @@ def _cifar(cfg: dict[str, Any], download: bool) -> Splits:
             root, train=False, download=download, transform=_torchvision_transforms(size, False)
         )
     except RuntimeError as err:
-        raise DataError(f"dataset.root={root}: {cfg['name']} not found or corrupt ({err})") from err
+        # torchvision's "Dataset not found or corrupted": compute jobs never download, so the
+        # hint points at the rule that does.
+        raise DataError(
+            f"{where}: {cfg['name']} not found or corrupt; the download_data rule fetches it "
+            f"(needs internet) ({_first_line(err)})"
+        ) from err
+    except OSError as err:  # no network, disk full, permission denied while downloading
+        raise DataError(f"{where}: cannot download {cfg['name']} ({_first_line(err)})") from err
     labels = np.asarray(train_full.targets)
     rng = np.random.default_rng(int(cfg["split_seed"]))
     perm = rng.permutation(len(labels))
@@ -177,24 +194,145 @@ def _cifar(cfg: dict[str, Any], download: bool) -> Splits:
     )
 
 
-def _imagenet(cfg: dict[str, Any]) -> Splits:
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# What torchvision's ImageFolder accepts as an image (its IMG_EXTENSIONS), repeated here so that
+# the structure check needs no torchvision import.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _class_dirs(root: Path, sub: str) -> list[str]:
+    """Sorted class folder names of ``root/sub``; a one-line DataError if there are none."""
+    classes = sorted(e.name for e in os.scandir(root / sub) if e.is_dir())
+    if not classes:
+        raise DataError(
+            f"dataset.root={str(root)!r}: {sub}/ has no class folders "
+            f"(expected {sub}/<class>/<image>)"
+        )
+    return classes
+
+
+def _has_image(folder: Path) -> bool:
+    # scandir is lazy, so this stops at the first image instead of listing the ~1300 files of each
+    # of ImageNet's 1000 classes (the loaders list them once, later).
+    with os.scandir(folder) as entries:
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir():
+                subfolders.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                return True
+    return any(_has_image(Path(sub)) for sub in subfolders)
+
+
+def _imagenet_root(cfg: dict[str, Any]) -> Path:
+    from agentprune.config import IMAGENET_ENV, dataset_root
+
+    # The same resolution as the config check: dataset.root, else $AGENTPRUNE_IMAGENET.
+    root = dataset_root(cfg)
+    if not root:
+        raise DataError(
+            f"dataset.root is not set (nor ${IMAGENET_ENV}): imagenet needs an ImageFolder with "
+            "train/ and val/ inside"
+        )
+    return Path(root).expanduser()
+
+
+def check_image_folder(cfg: dict[str, Any]) -> list[str]:
+    """Check that ``dataset.root`` is an ImageNet-style ImageFolder and return its class names.
+
+    Checks, each failing with a one-line :class:`DataError` naming ``dataset.root``: the root is
+    set and holds ``train/`` and ``val/``; both have the same class folders; every class folder
+    holds at least one image. Image files are not decoded (that is the loaders' job).
+
+    Args:
+        cfg: the ``dataset`` section of the config.
+
+    Returns:
+        The class names (folder names, sorted as ImageFolder sorts them).
+
+    Raises:
+        DataError: if the tree is missing or malformed.
+    """
+    root = _imagenet_root(cfg)
+    missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
+    if missing:
+        absent = " and no ".join(f"{sub}/" for sub in missing)
+        what = "does not exist" if not root.exists() else f"has no {absent}"
+        raise DataError(
+            f"dataset.root={str(root)!r}: expected an ImageFolder with train/ and val/ inside "
+            f"({what})"
+        )
+    train, val = _class_dirs(root, "train"), _class_dirs(root, "val")
+    if len(train) != len(val):
+        raise DataError(
+            f"dataset.root={str(root)!r}: val/ has {len(val)} classes but train/ has {len(train)}"
+        )
+    if train != val:
+        only = sorted(set(val) ^ set(train))[0]
+        side = "val/" if only in val else "train/"
+        raise DataError(
+            f"dataset.root={str(root)!r}: train/ and val/ have different class folders "
+            f"({only!r} only in {side})"
+        )
+    for sub in ("train", "val"):
+        for name in train:
+            if not _has_image(root / sub / name):
+                raise DataError(f"dataset.root={str(root)!r}: no images in {sub}/{name}")
+    return train
+
+
+def default_data_config(img_size: int) -> dict[str, Any]:
+    """timm's default data config (interpolation, mean/std, crop) at ``img_size``.
+
+    Used for models without a pretrained data config of their own (models trained from scratch).
+    """
+    from timm.data import resolve_data_config
+
+    return dict(resolve_data_config({"input_size": (3, img_size, img_size)}))
+
+
+def _timm_transform(data_config: dict[str, Any], train: bool):
+    from timm.data import create_transform
+
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    kwargs = {k: data_config[k] for k in keys if data_config.get(k) is not None}
+    kwargs["input_size"] = tuple(kwargs["input_size"])
+    return create_transform(**kwargs, is_training=train)
+
+
+class _Transformed(Dataset):
+    """``(transform(image), label)`` of a dataset of ``(PIL image, label)`` pairs."""
+
+    def __init__(self, base: Dataset, transform: Any) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+def _imagenet(cfg: dict[str, Any], data_config: dict[str, Any] | None) -> Splits:
     import torchvision
 
-    root = Path(cfg.get("root") or "")
-    for sub in ("train", "val"):
-        if not (root / sub).is_dir():
-            raise DataError(
-                f"dataset.root={str(root)!r}: expected an ImageFolder with {sub}/ inside "
-                "(set dataset.root or $AGENTPRUNE_IMAGENET)"
-            )
+    classes = check_image_folder(cfg)
+    root = _imagenet_root(cfg)
     size = int(cfg["img_size"])
-    train_full = torchvision.datasets.ImageFolder(
-        root / "train", _torchvision_transforms(size, True)
-    )
-    eval_full = torchvision.datasets.ImageFolder(
-        root / "train", _torchvision_transforms(size, False)
-    )
-    test = torchvision.datasets.ImageFolder(root / "val", _torchvision_transforms(size, False))
+    # The model's own config decides interpolation, mean/std and crop, but the size is the data
+    # set's: every model of a study sees the same pixels count (overrides set img_size to match).
+    dc = {**(data_config or default_data_config(size)), "input_size": (3, size, size)}
+    # train/ is listed once (1.28M files on ImageNet) and shared by the train and val splits, which
+    # differ only in their transform.
+    images = torchvision.datasets.ImageFolder(root / "train")
+    train_full = _Transformed(images, _timm_transform(dc, True))
+    eval_full = _Transformed(images, _timm_transform(dc, False))
+    test = torchvision.datasets.ImageFolder(root / "val", _timm_transform(dc, False))
     rng = np.random.default_rng(int(cfg["split_seed"]))
     perm = rng.permutation(len(train_full))
     n_val = min(int(len(perm) * cfg["val_fraction"]), int(cfg.get("max_val_images", 10000)))
@@ -202,17 +340,25 @@ def _imagenet(cfg: dict[str, Any]) -> Splits:
         Subset(train_full, np.sort(perm[n_val:])),
         Subset(eval_full, np.sort(perm[:n_val])),
         test,
-        len(test.classes),
+        len(classes),
         size,
     )
 
 
-def load_splits(cfg: dict[str, Any], download: bool = False) -> Splits:
+def load_splits(
+    cfg: dict[str, Any], download: bool = False, data_config: dict[str, Any] | None = None
+) -> Splits:
     """Build the configured data set's train/val/test splits.
 
     Args:
         cfg: the ``dataset`` section of the config.
-        download: whether data sets that can be downloaded (CIFAR) may be fetched.
+        download: whether data sets that can be downloaded (CIFAR) may be fetched. Only the
+            ``download_data`` rule (a local rule, on the login node) passes True; compute jobs
+            never download.
+        data_config: timm data config of the model the splits feed (``input_size``,
+            ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``, as returned by
+            ``timm.data.resolve_data_config`` and recorded by ``models.data_config``). Used by
+            imagenet only, whose transforms are timm's; None means timm's defaults.
 
     Returns:
         The splits.
@@ -228,7 +374,7 @@ def load_splits(cfg: dict[str, Any], download: bool = False) -> Splits:
     if name in ("cifar10", "cifar100"):
         return _cifar(cfg, download)
     if name == "imagenet":
-        return _imagenet(cfg)
+        return _imagenet(cfg, data_config)
     raise DataError(f"dataset.name={name!r} is not one of {', '.join(DATASETS)}")
 
 
@@ -241,6 +387,8 @@ def describe(cfg: dict[str, Any], splits: Splits) -> dict[str, Any]:
         "splits": splits.sizes(),
         "split_seed": int(cfg["split_seed"]),
     }
+    if cfg["name"] == "imagenet":
+        out["root"] = str(_imagenet_root(cfg).resolve())
     test = splits.test
     if isinstance(test, Subset):
         digest = np.asarray(test.indices, dtype=np.int64)

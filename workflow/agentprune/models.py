@@ -1,4 +1,4 @@
-"""timm model creation, pretrained download, and pickle-free save/load of (pruned) models.
+"""timm model creation, pretrained weights (fetch, verify) and pickle-free save/load of models.
 
 A saved model is two files side by side:
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def create(
     overrides: dict[str, Any] | None = None,
     pretrained: bool = False,
     pretrained_file: str | None = None,
+    pretrained_num_classes: int | None = None,
 ) -> nn.Module:
     """Create a timm model.
 
@@ -64,16 +66,25 @@ def create(
         pretrained: download the hub weights (needs network unless they are cached or HF offline
             mode finds them locally).
         pretrained_file: a local weights file used instead of the hub (timm
-        ``pretrained_cfg_overlay``).
+            ``pretrained_cfg_overlay``).
+        pretrained_num_classes: classifier width of ``pretrained_file`` when it differs from the
+            hub weights' (a user's own checkpoint). timm keeps the file's classifier when this
+            equals ``num_classes`` and re-initialises it otherwise.
 
     Returns:
         The model in eval mode.
+
+    Raises:
+        CheckpointError: if the name is not a timm model, or the weights do not fit it.
     """
     import timm
 
     kwargs = dict(overrides or {})
     if pretrained_file:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+        overlay: dict[str, Any] = {"file": str(pretrained_file)}
+        if pretrained_num_classes is not None:
+            overlay["num_classes"] = int(pretrained_num_classes)
+        kwargs["pretrained_cfg_overlay"] = overlay
     try:
         model = timm.create_model(
             name, pretrained=pretrained or bool(pretrained_file), num_classes=num_classes, **kwargs
@@ -81,8 +92,248 @@ def create(
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise CheckpointError(f"model {name!r} is not a timm model name") from err
+        if pretrained_file and "state_dict" in str(err):
+            raise CheckpointError(
+                f"{pretrained_file}: weights do not fit {name} with these overrides "
+                f"({_first_line(err)})"
+            ) from err
         raise
     return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+# --- pretrained weights: fetch into a cache, verify, record ------------------------------------
+
+
+def offline() -> bool:
+    """Whether Hugging Face offline mode is on (``HF_HUB_OFFLINE``), read at call time.
+
+    huggingface_hub reads the variable once at import; reading it here lets a job (or a test) set
+    it later, and the same switch also keeps timm's URL downloads off the network.
+    """
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _pretrained_cfg(name: str) -> dict[str, Any]:
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    if cfg is None:
+        raise CheckpointError(f"model {name!r}: timm has no pretrained weights for it")
+    return cfg.to_dict()
+
+
+def _has_pretrained_cfg(entry: dict[str, Any]) -> bool:
+    import timm.models
+
+    return timm.models.get_pretrained_cfg(entry["timm"], allow_unregistered=False) is not None
+
+
+def _fetch_hf(hub_id: str, filename: str | None, cache_dir: str | None, local_only: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    repo, _, revision = hub_id.partition("@")
+    # timm's preference: the safetensors twin of the checkpoint when the repo has one, then the
+    # checkpoint itself (loaded with weights_only=True).
+    filename = filename or "pytorch_model.bin"
+    twin = {
+        "pytorch_model.bin": "model.safetensors",
+        "open_clip_pytorch_model.bin": "open_clip_model.safetensors",
+    }.get(filename, filename[:-4] + ".safetensors" if filename.endswith(".bin") else None)
+    candidates = [name for name in (twin, filename) if name]
+    last: Exception | None = None
+    for candidate in dict.fromkeys(candidates):
+        try:
+            path = hf_hub_download(
+                repo_id=repo,
+                filename=candidate,
+                revision=revision or None,
+                cache_dir=cache_dir,
+                local_files_only=local_only,
+            )
+            return Path(path)
+        except (EntryNotFoundError, LocalEntryNotFoundError) as err:
+            last = err
+    assert last is not None
+    raise last
+
+
+def _fetch_url(url: str, cache_dir: str | None, local_only: bool) -> Path:
+    import torch.hub
+
+    # The directory timm's own URL downloads use (honours $TORCH_HOME), unless configured.
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    dest = folder / Path(url.split("?")[0]).name
+    if dest.is_file():
+        return dest
+    if local_only:
+        raise FileNotFoundError(f"{dest} is not cached")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".partial")
+    torch.hub.download_url_to_file(url, str(tmp), progress=True)
+    os.replace(tmp, dest)  # a broken download never looks like a cached file
+    return dest
+
+
+def fetch_pretrained(entry: dict[str, Any]) -> tuple[Path, str]:
+    """Download (or find in the cache) the pretrained weights file of a ``models`` entry.
+
+    Sources, in timm's order of preference: ``pretrained_file`` (local, never downloaded), the
+    Hugging Face hub (into ``weights_cache`` or the hub cache: ``$HF_HUB_CACHE``,
+    ``$HF_HOME/hub``), then timm's URL (into ``weights_cache`` or ``$TORCH_HOME/hub/checkpoints``).
+    With ``HF_HUB_OFFLINE=1`` only the cache is read.
+
+    Args:
+        entry: a ``models`` entry of the config.
+
+    Returns:
+        The local file and a description of where it came from.
+
+    Raises:
+        CheckpointError: one line naming the model and how to fetch its weights.
+    """
+    label = f"models[{entry['name']}]"
+    if entry.get("pretrained_file"):
+        path = Path(entry["pretrained_file"]).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{label}.pretrained_file={str(path)!r}: no such file")
+        return path.resolve(), f"file:{path.resolve()}"
+    cfg = _pretrained_cfg(entry["timm"])
+    cache = entry.get("weights_cache")
+    cache = str(Path(cache).expanduser()) if cache else None
+    local_only = offline()
+    hub_id, url = cfg.get("hf_hub_id"), cfg.get("url")
+    if not hub_id and not url:
+        raise CheckpointError(f"{label}: timm has no hub or URL weights for {entry['timm']!r}")
+    try:
+        if hub_id:
+            return _fetch_hf(hub_id, cfg.get("hf_hub_filename"), cache, local_only), (
+                f"hf-hub:{hub_id}"
+            )
+        return _fetch_url(url, cache, local_only), f"url:{url}"
+    except Exception as err:  # hub, HTTP and OS errors alike become one actionable line
+        where = f"hf-hub {hub_id}" if hub_id else url
+        if hub_id:
+            how = f"run `hf download {hub_id.partition('@')[0]}`"
+            how += f" with HF_HUB_CACHE={cache}" if cache else ""
+        else:
+            how = f"download {url} into {cache or '$TORCH_HOME/hub/checkpoints'}"
+        if local_only:
+            raise CheckpointError(
+                f"{label}: pretrained weights of {entry['timm']!r} ({where}) are not in the cache "
+                f"and HF_HUB_OFFLINE=1; on a machine with internet and the same cache, {how} "
+                "(or `snakemake --until download_weights`), or set models[].pretrained_file"
+            ) from err
+        raise CheckpointError(
+            f"{label}: cannot fetch pretrained weights of {entry['timm']!r} from {where} "
+            f"({_first_line(err)}); {how} where there is internet, or set "
+            "models[].pretrained_file"
+        ) from err
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file (safetensors, or a torch file loaded with
+    ``weights_only=True``: never arbitrary pickle), unwrapped as timm unwraps checkpoints."""
+    from timm.models import load_state_dict
+
+    return load_state_dict(str(path), use_ema=True, weights_only=True)
+
+
+def pretrained_weights(entry: dict[str, Any]) -> dict[str, Any]:
+    """Fetch and verify the pretrained weights of a ``models`` entry; describe them.
+
+    Verification: the file loads as a state dict of tensors; its SHA-256 is computed and, when
+    ``models[].sha256`` is configured, must match.
+
+    Args:
+        entry: a ``models`` entry with ``pretrained: true`` or a ``pretrained_file``.
+
+    Returns:
+        The weights manifest: ``model``, ``timm``, ``source``, ``file`` (absolute path),
+        ``sha256``, ``tensors`` (count), ``num_classes`` (the classifier width the weights were
+        trained for, or None when unknown) and ``user_file`` (whether it is a configured file).
+
+    Raises:
+        CheckpointError: one line, if the weights cannot be fetched, read or do not match.
+    """
+    label = f"models[{entry['name']}]"
+    path, source = fetch_pretrained(entry)
+    try:
+        state = read_weights(path)
+    except Exception as err:  # safetensors, zip and unpickling errors have no common base
+        raise CheckpointError(
+            f"{label}: {path} is not a readable weights file ({_first_line(err)})"
+        ) from err
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{label}: {path} holds no state dict of tensors")
+    digest = sha256(path)
+    expected = entry.get("sha256")
+    if expected and expected.lower() != digest:
+        raise CheckpointError(
+            f"{label}: sha256 of {path} is {digest}, but models[].sha256 expects {expected.lower()}"
+        )
+    user_file = bool(entry.get("pretrained_file"))
+    # A user's file may be for an architecture timm has no weights of: then nothing is known of
+    # its classifier beyond what the file says.
+    cfg = _pretrained_cfg(entry["timm"]) if not user_file or _has_pretrained_cfg(entry) else {}
+    classes = cfg.get("num_classes")
+    if user_file:
+        # A user's checkpoint may be for any label set: its classifier's rows say which.
+        heads = cfg.get("classifier") or ()
+        heads = (heads,) if isinstance(heads, str) else tuple(heads)
+        rows = [state[h + ".weight"].shape[0] for h in heads if h + ".weight" in state]
+        classes = rows[0] if rows else None
+    return {
+        "model": entry["name"],
+        "timm": entry["timm"],
+        "source": source,
+        "file": str(path),
+        "sha256": digest,
+        "tensors": len(state),
+        "num_classes": None if classes is None else int(classes),
+        "user_file": user_file,
+    }
+
+
+def check_weights(manifest: dict[str, Any]) -> None:
+    """Check that the file a weights manifest describes is still there, byte for byte.
+
+    Raises:
+        CheckpointError: one line, if the file is gone or changed since it was verified.
+    """
+    path = Path(manifest["file"])
+    label = f"models[{manifest['model']}]"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{label}: verified weights file {path} is gone; rerun the download_weights rule"
+        )
+    if sha256(path) != manifest["sha256"]:
+        raise CheckpointError(
+            f"{label}: {path} changed since download_weights verified it (sha256 differs)"
+        )
+
+
+def data_config(model: nn.Module, img_size: int) -> dict[str, Any]:
+    """timm's data config of ``model`` (interpolation, mean/std, crop) at ``img_size``, JSON-able.
+
+    This is what ``data.load_splits(..., data_config=...)`` takes: models.py resolves it from the
+    model, data.py only consumes the plain dict, so neither imports the other.
+    """
+    from timm.data import resolve_data_config
+
+    resolved = dict(resolve_data_config({}, model=model))
+    resolved["input_size"] = (3, int(img_size), int(img_size))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+
+
+def data_config_of(desc: dict[str, Any]) -> dict[str, Any] | None:
+    """The data config recorded in a structure description (None: the data set's default)."""
+    return (desc.get("extra") or {}).get("data_config")
 
 
 def _plain(value: Any) -> Any:
