@@ -1,8 +1,12 @@
-"""Snakemake script: recovery fine-tuning of the pruned model."""
+"""Snakemake script: recovery fine-tuning of the pruned model.
+
+A job given several GPUs (``resources: gpu: N`` in the profile) trains with DDP: the step re-runs
+itself under torchrun with one process per GPU.
+"""
 
 from pathlib import Path
 
-from agentprune import steps
+from agentprune import distributed, steps
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.finetune(
@@ -12,4 +16,6 @@ with steps.logged(snakemake.log[0], snakemake.threads):
         Path(snakemake.input.base_weights).with_suffix(""),
         Path(snakemake.output.weights).with_suffix(""),
         snakemake.output.report,
+        settings=dict(snakemake.params.finetune),
+        processes=distributed.requested_processes(snakemake.resources.get("gpu", 0)),
     )
