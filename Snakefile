@@ -14,9 +14,10 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
-from agentprune.config import ConfigError, check_config, SCHEMA_PATH
+from agentprune.config import ConfigError, apply_environment, check_config, SCHEMA_PATH
 
 try:
+    apply_environment(config)  # e.g. an ImageNet dataset.root left null: $AGENTPRUNE_IMAGENET
     check_config(config)
 except ConfigError as err:
     # One line, before any job is scheduled: the message names the offending key.

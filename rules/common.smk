@@ -11,12 +11,9 @@ DATASET = config["dataset"]["name"]
 MODELS = [entry["name"] for entry in config["models"]]
 
 
-def fmt_ratio(ratio):
-    """The {ratio} wildcard's spelling of a ratio (0.3 -> '0.3')."""
-    return f"{float(ratio):g}"
+from agentprune.config import finetune_settings, fmt_ratio, structured_ratios
 
-
-RATIOS = [fmt_ratio(r) for r in config["ratios"]]
+# fmt_ratio: the {ratio} wildcard's spelling of a ratio (0.3 -> '0.3', 0.76471 -> '0.7647').
 SPARSITIES = [fmt_ratio(r) for r in config["sparsities"]]
 
 BASE = RESULTS + "/{dataset}/{model}/base"
@@ -28,12 +25,14 @@ PAPER = RESULTS + "/paper"
 REPORT = RESULTS + "/report.html"
 
 
-# Run on the submitting node under a cluster executor: download needs the login node's internet, the
-# rest only read JSON/CSV and write tables, figures and HTML in seconds.
+# Run on the submitting node under a cluster executor: the downloads (data set, pretrained weights)
+# need the login node's internet, the rest only read JSON/CSV and write tables, figures and HTML in
+# seconds. download_model is not local: it trains a base model from scratch, or adapts a pretrained
+# one, from files the download rules already fetched.
 localrules:
     all,
     download_data,
-    download_model,
+    download_weights,
     stats,
     paper,
     transcript,
@@ -48,11 +47,17 @@ wildcard_constraints:
     seed=r"[0-9]+",
 
 
+# Keys of a config.models entry that belong to the study (what the pruned models are fine-tuned and
+# targeted with), not to the base model: left out of the base-model rules' params, so that changing
+# them reruns no download, training or profile and keeps the between-workflow cache key.
+STUDY_KEYS = ("targets_gmacs", "base_gmacs", "finetune")
+
+
 def model_entry(name):
-    """The config.models entry for a {model} wildcard."""
+    """The config.models entry for a {model} wildcard, without its STUDY_KEYS."""
     for entry in config["models"]:
         if entry["name"] == name:
-            return entry
+            return {key: value for key, value in entry.items() if key not in STUDY_KEYS}
     raise ValueError(f"model {name!r} is not in config.models")
 
 
@@ -71,9 +76,15 @@ def trial_methods():
     return [name for name in methods.names() if methods.get(name).runs_trials]
 
 
-def method_ratios(name):
-    """The {ratio} values of a method: MACs fractions for structured, sparsities otherwise."""
-    return RATIOS if method_info(name).family == "structured" else SPARSITIES
+def model_ratios(model):
+    """The structured {ratio} values of a model: from its targets_gmacs, else the global ratios."""
+    return [fmt_ratio(r) for r in structured_ratios(config, model)]
+
+
+def method_ratios(name, model):
+    """The {ratio} values of a method on a model: MACs fractions removed for structured methods
+    (per model), sparsities otherwise."""
+    return model_ratios(model) if method_info(name).family == "structured" else SPARSITIES
 
 
 def method_section(name):
@@ -87,12 +98,13 @@ def runs(filename, methods=None):
     return [
         path
         for method in (config["methods"] if methods is None else methods)
+        for model in MODELS
         for path in expand(
             RUN + "/" + filename,
             dataset=DATASET,
-            model=MODELS,
+            model=model,
             method=method,
-            ratio=method_ratios(method),
+            ratio=method_ratios(method, model),
             seed=config["seeds"],
         )
     ]

@@ -13,7 +13,9 @@ rule finetune:
         structure=RUN + "/finetuned.json",
         report=RUN + "/finetune_report.json",
     params:
-        finetune=config["finetune"],
+        # The model's effective settings (finetune + models[].finetune, epochs * epochs_scale):
+        # a change reruns only that model's fine-tuning chain.
+        finetune=lambda wc: finetune_settings(config, wc.model),
     log:
         LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/finetune.log",
     benchmark:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -22,6 +23,10 @@ from typing import Any
 import yaml
 
 SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "config.schema.yaml"
+IMAGENET_ENV = "AGENTPRUNE_IMAGENET"
+"""Environment variable read for the ImageNet root when ``dataset.root`` is null."""
+RATIO_DECIMALS = 4
+"""Decimals of a ratio derived from a GMACs target (``1 - target / base``): the {ratio} wildcard."""
 
 
 class ConfigError(ValueError):
@@ -133,6 +138,79 @@ def _semantic_check(config: Mapping[str, Any]) -> None:
             f"{profile['bound_floor']} must be less than "
             f"profile.bound_ceiling ({profile['bound_ceiling']})",
         )
+    _check_dataset_root(dataset)
+    for i, model in enumerate(config["models"]):
+        _check_targets(model, f"models.{i}")
+        _check_finetune(config, model, f"models.{i}.finetune")
+
+
+def _check_dataset_root(dataset: Mapping[str, Any]) -> None:
+    """ImageNet needs an ImageFolder tree: ``dataset.root`` (or ``$AGENTPRUNE_IMAGENET``) with
+    ``train/`` and ``val/`` inside. Only the directories are checked, not their content."""
+    if dataset["name"] != "imagenet":
+        return
+    root = dataset_root(dataset)
+    if root is None:
+        raise _fail(
+            "dataset.root",
+            f"imagenet needs the ImageFolder directory: set dataset.root or ${IMAGENET_ENV}",
+        )
+    base = Path(root).expanduser()
+    for path in (base, base / "train", base / "val"):
+        if not path.is_dir():
+            raise _fail("dataset.root", f"{str(path)!r} is not a directory")
+
+
+def _check_targets(model: Mapping[str, Any], where: str) -> None:
+    """A model's GMACs targets need its ``base_gmacs`` and must lie below it."""
+    targets = model.get("targets_gmacs") or []
+    if not targets:
+        return
+    base = model.get("base_gmacs")
+    if base is None:
+        raise _fail(
+            f"{where}.base_gmacs",
+            "targets_gmacs needs the base model's GMACs (record them in base_gmacs)",
+        )
+    ratios: dict[str, int] = {}
+    for j, target in enumerate(targets):
+        if target >= base:
+            raise _fail(
+                f"{where}.targets_gmacs.{j}",
+                f"target {target:g} GMACs is not below the base model's {base:g} GMACs",
+            )
+        ratio = fmt_ratio(target_ratio(target, base))
+        if float(ratio) <= 0 or float(ratio) >= 1:
+            raise _fail(
+                f"{where}.targets_gmacs.{j}",
+                f"target {target:g} GMACs of base {base:g} gives ratio {ratio}, not in (0, 1)",
+            )
+        if ratio in ratios:
+            raise _fail(
+                f"{where}.targets_gmacs.{j}",
+                f"target {target:g} GMACs gives the same ratio {ratio} as "
+                f"targets_gmacs.{ratios[ratio]}",
+            )
+        ratios[ratio] = j
+
+
+def _check_finetune(config: Mapping[str, Any], model: Mapping[str, Any], where: str) -> None:
+    """A model's ``finetune`` overrides, merged over ``finetune``, must be a valid section."""
+    override = model.get("finetune") or {}
+    if not override:
+        return
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    merged = merge(dict(config["finetune"]), override)
+    validator = Draft202012Validator(_schema()["properties"]["finetune"])
+    error = best_match(validator.iter_errors(merged))
+    if error is None:
+        return
+    path = [where, *error.absolute_path]
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        raise _fail(path, _unknown_keys(error))
+    raise _fail(path, error.message)
 
 
 def check_config(config: dict) -> None:
@@ -151,6 +229,38 @@ def check_config(config: dict) -> None:
         raise _fail("", f"the config must be a mapping, not {type(config).__name__}")
     _schema_check(config)
     _semantic_check(with_defaults(config))
+
+
+def apply_environment(config: dict) -> dict:
+    """Fill in what the environment provides, in place: an ImageNet ``dataset.root`` left null
+    is read from ``$AGENTPRUNE_IMAGENET`` (when set).
+
+    Call it before :func:`check_config` (the Snakefile and :func:`load_config` do), so that every
+    rule sees the resolved path.
+
+    Args:
+        config: The merged configuration; modified in place.
+
+    Returns:
+        ``config`` itself.
+    """
+    dataset = config.get("dataset")
+    if isinstance(dataset, dict) and dataset.get("name") == "imagenet":
+        root = dataset_root(dataset)
+        if root is not None:
+            dataset["root"] = root
+    return config
+
+
+def dataset_root(dataset: Mapping[str, Any]) -> str | None:
+    """The data set's root: ``dataset.root``, else ``$AGENTPRUNE_IMAGENET`` for ImageNet, else
+    None."""
+    root = dataset.get("root")
+    if root:
+        return str(root)
+    if dataset.get("name") == "imagenet":
+        return os.environ.get(IMAGENET_ENV) or None
+    return None
 
 
 def _fill(instance: Any, schema: Mapping[str, Any]) -> None:
@@ -252,6 +362,7 @@ def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
         config = merge(config, _read(Path(path)))
     if overrides:
         config = merge(config, overrides)
+    apply_environment(config)
     check_config(config)
     return with_defaults(config)
 
@@ -263,4 +374,74 @@ def agents_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         filled["cache"] = "off"
     if not filled["cache_dir"]:
         filled["cache_dir"] = str(Path(config.get("results", "results")) / "llm_cache")
+    return filled
+
+
+def fmt_ratio(ratio: float) -> str:
+    """The {ratio} wildcard's spelling of a ratio (``0.3 -> '0.3'``, ``0.76471 -> '0.7647'``).
+
+    Ratios are rounded to :data:`RATIO_DECIMALS` decimals first, so that a ratio derived from a
+    GMACs target has a short, stable spelling.
+    """
+    return f"{round(float(ratio), RATIO_DECIMALS):g}"
+
+
+def target_ratio(target_gmacs: float, base_gmacs: float) -> float:
+    """The structured ratio (fraction of base MACs removed) that reaches a GMACs target.
+
+    Args:
+        target_gmacs: MACs of the pruned model in G.
+        base_gmacs: MACs of the unpruned model in G (``models[].base_gmacs``).
+
+    Returns:
+        ``1 - target / base`` rounded to :data:`RATIO_DECIMALS` decimals.
+    """
+    return round(1.0 - float(target_gmacs) / float(base_gmacs), RATIO_DECIMALS)
+
+
+def _model(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """The ``models`` entry called ``name``."""
+    for entry in config["models"]:
+        if entry["name"] == name:
+            return entry
+    raise KeyError(f"model {name!r} is not in config.models")
+
+
+def structured_ratios(config: Mapping[str, Any], name: str) -> list[float]:
+    """The structured ratios of one model: from its ``targets_gmacs`` when it has any, else the
+    global ``ratios``.
+
+    Args:
+        config: The configuration.
+        name: A ``models[].name``.
+
+    Returns:
+        Ratios in (0, 1), in the order of the targets (or of ``ratios``).
+    """
+    entry = _model(config, name)
+    targets = entry.get("targets_gmacs") or []
+    if targets:
+        return [target_ratio(t, entry["base_gmacs"]) for t in targets]
+    return [float(r) for r in config.get("ratios", _schema()["properties"]["ratios"]["default"])]
+
+
+def finetune_settings(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The fine-tuning settings of one model: ``finetune`` with the model's ``finetune`` overrides
+    merged over it (dicts key by key) and ``epochs`` multiplied by ``epochs_scale``.
+
+    The result has the effective ``epochs`` and no ``epochs_scale`` key, so it can be handed to
+    the trainer as is, and as a rule's params it reruns a model's fine-tuning when either changes.
+
+    Args:
+        config: The configuration (defaults need not be filled in).
+        name: A ``models[].name``.
+
+    Returns:
+        A fresh dict with every ``finetune`` default filled in.
+    """
+    entry = _model(config, name)
+    section = merge(dict(config.get("finetune") or {}), entry.get("finetune") or {})
+    filled = with_defaults({"finetune": section})["finetune"]
+    scale = float(filled.pop("epochs_scale", 1.0))
+    filled["epochs"] = float(filled["epochs"]) * scale if scale != 1.0 else filled["epochs"]
     return filled
