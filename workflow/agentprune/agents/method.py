@@ -42,7 +42,7 @@ class MultiAgent(StructuredRecipe):
         prune_cfg = config["prune"]
         train.seed_everything(seed)
         base, desc = models.load(context["base_stem"])
-        splits = data.load_splits(config["dataset"])
+        splits = data.load_splits(config["dataset"], data_config=models.data_config_of(desc))
         batch = int(prune_cfg["batch_size"])
         bounds = run_bounds(
             profile, agents_cfg, context["dataset"], context["model"], desc["timm_name"]

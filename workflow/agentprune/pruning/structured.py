@@ -119,11 +119,20 @@ def compute_gradients(
     """
     model.zero_grad(set_to_none=True)
     model.eval()
+    # The calibration passes are the only heavy compute of a prune (50 batches x 64 images of
+    # DeiT-B in the published recipe): run them on the GPU when there is one. The graph surgery
+    # that follows stays on the CPU, where the model lives; .to() carries the gradients back.
+    home = next(model.parameters()).device
+    dev = torch.device("cuda") if torch.cuda.is_available() else home
+    model.to(dev)
     total = 0.0
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        total += float(loss.detach())
+    try:
+        for x, y in batches:
+            loss = F.cross_entropy(model(x.to(dev)), y.to(dev))
+            loss.backward()
+            total += float(loss.detach())
+    finally:
+        model.to(home)
     return total / max(1, len(batches))
 
 
@@ -409,8 +418,10 @@ def prune_to_target(
     base = copy.deepcopy(base).eval()
     base_macs, base_params = count_macs(base, example_inputs)
     calib_loss = None
+    calib_start = time.perf_counter()
     if settings.importance == "taylor":
         calib_loss = compute_gradients(base, calibration[: settings.calibration_batches])
+    calib_seconds = time.perf_counter() - calib_start
     importance = CachedImportance(settings.importance, seed)
     trials: list[dict[str, Any]] = []
 
@@ -482,6 +493,7 @@ def prune_to_target(
         "trials": trials,
         "importance_evaluations": importance.computed,
         "calibration_loss": calib_loss,
+        "calibration_seconds": calib_seconds,
         "seconds": time.perf_counter() - start,
     }
 
