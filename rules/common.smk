@@ -20,6 +20,7 @@ BASE = RESULTS + "/{dataset}/{model}/base"
 RUN = RESULTS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}"
 LOGS = RESULTS + "/logs"
 BENCH = RESULTS + "/benchmarks"
+BENCH_RUN = BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}"
 STATS = RESULTS + "/stats"
 PAPER = RESULTS + "/paper"
 REPORT = RESULTS + "/report.html"
@@ -93,14 +94,15 @@ def method_section(name):
     return config.get(section, {}) if section else {}
 
 
-def runs(filename, methods=None):
-    """``filename`` in every run directory of the grid (each method at its own ratios)."""
+def runs(filename, methods=None, root=RUN):
+    """``filename`` under ``root`` (a run-directory pattern) for every run of the grid (each method
+    at its own ratios)."""
     return [
         path
         for method in (config["methods"] if methods is None else methods)
         for model in MODELS
         for path in expand(
-            RUN + "/" + filename,
+            root + "/" + filename,
             dataset=DATASET,
             model=model,
             method=method,
@@ -121,11 +123,9 @@ def run_benchmarks():
     Base-model jobs are left out on purpose: with `--cache` they may be fetched instead of run, and
     then have no benchmark file.
     """
-    return [
-        path.replace(RESULTS + "/", BENCH + "/", 1).replace("/STEP", f"/{step}")
-        for step in ("plan", "prune", "finetune", "evaluate")
-        for path in runs("STEP.tsv")
-    ]
+    from agentprune.benchmarks import STEPS
+
+    return [path for step in STEPS for path in runs(f"{step}.tsv", root=BENCH_RUN)]
 
 
 def run_cards():

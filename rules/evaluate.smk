@@ -18,7 +18,7 @@ rule evaluate:
     log:
         LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/evaluate.log",
     benchmark:
-        BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/evaluate.tsv"
+        BENCH_RUN + "/evaluate.tsv"
     threads: 1
     conda:
         "../envs/torch.yaml"

@@ -19,7 +19,7 @@ rule finetune:
     log:
         LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/finetune.log",
     benchmark:
-        BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/finetune.tsv"
+        BENCH_RUN + "/finetune.tsv"
     threads: 1
     conda:
         "../envs/torch.yaml"

@@ -22,7 +22,7 @@ rule plan:
     log:
         LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/plan.log",
     benchmark:
-        BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/plan.tsv"
+        BENCH_RUN + "/plan.tsv"
     threads: 1
     conda:
         "../envs/torch.yaml"
@@ -53,7 +53,7 @@ rule prune:
     log:
         LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/prune.log",
     benchmark:
-        BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/prune.tsv"
+        BENCH_RUN + "/prune.tsv"
     threads: 1
     conda:
         "../envs/torch.yaml"

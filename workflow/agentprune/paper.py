@@ -25,13 +25,14 @@ import seaborn as sns
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from scipy import stats as sps
 
+from agentprune.benchmarks import STEPS  # the per-run steps, in pipeline order
+
 matplotlib.use("Agg")
 
 DPI = 150
 CONFIDENCE = 0.95
 """Confidence level of the figures' error bars/bands (Student-t over seeds, as in the tables)."""
 BASE_METHOD = "base"
-STEPS = ("plan", "prune", "finetune", "evaluate")
 # The jinja2 templates shipped next to the package (workflow/templates).
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 """Pipeline steps with a ``seconds_{step}`` column in ``runs.csv``."""
