@@ -6,6 +6,10 @@ and one target into a single output directory::
     agentprune prune --model deit_base_distilled_patch16_224 --method magnitude_l2 \\
         --target-gmacs 4.16 --dataset synthetic --no-pretrained --out /tmp/deitb
 
+A target in GMACs is met within ``prune.gmacs_tolerance`` (0.5 %) of itself. ``--method isomorphic``
+finds its published recipe for the model and target in ``config/paper.yaml``;
+``--method-setting mode=as_published`` prunes once at the published ratios instead of searching.
+
 The output directory receives the same artifacts as a workflow run: ``dataset.json``,
 ``base/model.{safetensors,json}``, ``base/metrics.json``, ``profile.json``, ``plan.json``,
 ``pruned.*``, ``prune_report.json``, ``finetuned.*``, ``finetune_report.json``, ``metrics.json``,
@@ -23,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
+# The paper grid's config: its method_settings.<method>.published rows (the published recipes per
+# architecture and GMACs target) serve every run whose config has none.
+PAPER_CONFIG = REPO_CONFIG.with_name("paper.yaml")
 DEFAULT_IMG_SIZE = 224
 DEFAULT_NUM_CLASSES = 1000
 # Settings of --dataset synthetic: structural runs (MACs targets) that must stay cheap on a CPU.
@@ -99,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="input side in pixels (default: the config's for digits, else the model's default)",
     )
     prune.add_argument("--data-root", metavar="PATH", help="directory holding the data set")
+    prune.add_argument(
+        "--method-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=(
+            "set method_settings.<METHOD>.KEY to VALUE (read as YAML), e.g. mode=as_published or "
+            "round_to=4; repeatable. Published recipes (method_settings.<METHOD>.published) come "
+            f"from the config, else from {PAPER_CONFIG.name}"
+        ),
+    )
     prune.set_defaults(command_parser=prune)  # argument errors show the sub-command's usage
     return parser
 
@@ -125,6 +143,42 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--finetune-epochs must be >= 0, got {args.finetune_epochs:g}")
     if args.img_size is not None and args.img_size < 1:
         parser.error(f"--img-size must be >= 1, got {args.img_size}")
+    try:
+        parse_method_settings(args.method_setting)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def parse_method_settings(items: list[str]) -> dict[str, Any]:
+    """``--method-setting KEY=VALUE`` items as a dict, each VALUE read as YAML.
+
+    Raises:
+        ValueError: naming the first item that is not ``KEY=VALUE`` or whose value is not YAML.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--method-setting {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ValueError(f"--method-setting {item!r}: VALUE is not YAML ({first})") from err
+    return out
+
+
+def paper_published(method: str) -> list[dict[str, Any]] | None:
+    """``method_settings.<method>.published`` of :data:`PAPER_CONFIG` (None if it has none)."""
+    import yaml
+
+    if not PAPER_CONFIG.is_file():
+        return None
+    paper = yaml.safe_load(PAPER_CONFIG.read_text(encoding="utf-8")) or {}
+    settings = (paper.get("method_settings") or {}).get(method) or {}
+    return settings.get("published") or None
 
 
 def _timm_cfg_value(timm_name: str, key: str) -> Any:
@@ -185,8 +239,10 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     """The effective configuration of one ``prune`` run.
 
     The loaded config is overridden by the arguments: ``dataset`` (name, root, image size),
-    ``models`` (exactly the one model), and, for ``--dataset synthetic``, the cheap settings of a
-    structural run (no base training, no fine-tuning unless asked, tiny evaluation and calibration).
+    ``models`` (exactly the one model), ``method_settings`` (the method's only, with the published
+    recipes of :data:`PAPER_CONFIG` if the config has none, and ``--method-setting`` on top), and,
+    for ``--dataset synthetic``, the cheap settings of a structural run (no base training, no
+    fine-tuning unless asked, tiny evaluation and calibration).
     The result is not validated again: ``base_training.epochs = 0`` is deliberate here.
 
     Args:
@@ -235,9 +291,11 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     elif args.finetune_epochs is not None:
         config["finetune"]["epochs"] = args.finetune_epochs
     config["methods"] = [args.method]
-    config["method_settings"] = {
-        k: v for k, v in config.get("method_settings", {}).items() if k == args.method
-    }
+    settings = dict(config.get("method_settings", {}).get(args.method, {}))
+    if "published" not in settings and paper_published(args.method):
+        settings["published"] = paper_published(args.method)
+    settings.update(parse_method_settings(args.method_setting))
+    config["method_settings"] = {args.method: settings} if settings else {}
     config["seeds"] = [args.seed]
     return config
 
@@ -282,7 +340,15 @@ def run_prune(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any
         steps.write_json(profile_json, {})
     plan_json = out / "plan.json"
     steps.plan(
-        config, args.method, model_name, ratio, args.seed, profile_json, plan_json, base_stem
+        config,
+        args.method,
+        model_name,
+        ratio,
+        args.seed,
+        profile_json,
+        plan_json,
+        base_stem,
+        target_gmacs=args.target_gmacs,
     )
     pruned_stem, finetuned_stem = out / "pruned", out / "finetuned"
     steps.prune(config, plan_json, base_stem, pruned_stem, out / "prune_report.json")

@@ -243,13 +243,21 @@ def plan(
     out_json: str | Path,
     base_stem: str | Path | None = None,
     threads: int | None = None,
+    target_gmacs: float | None = None,
 ) -> dict[str, Any]:
     """The plan step: ask the method's planner for a decision and write ``plan.json``.
 
     ``base_stem`` and ``threads`` serve planners that run trials on the base model (the agents);
-    the fixed recipes read neither and stay torch-free.
+    the fixed recipes read neither and stay torch-free. ``target_gmacs`` is the target in GMACs
+    behind ``ratio`` (default: the model's ``targets_gmacs`` entry of that ratio, if any); the
+    planner sees it as ``context["target_gmacs"]``.
     """
+    from agentprune.pruning.settings import gmacs_target
+
     strategy = methods.get(method)
+    if target_gmacs is None:
+        entry = next((m for m in config.get("models", []) if m["name"] == model_name), {})
+        target_gmacs = gmacs_target(entry, float(ratio))
     result = strategy.plan(
         float(ratio),
         read_json(profile_json),
@@ -261,6 +269,7 @@ def plan(
             "config": config,
             "base_stem": None if base_stem is None else str(base_stem),
             "threads": threads,
+            "target_gmacs": target_gmacs,
         },
     )
     write_json(out_json, result)
@@ -296,7 +305,9 @@ def prune(
         config["prune"],
     )
     report["seconds"] = time.perf_counter() - start
-    models.save(pruned, out_stem, desc["timm_name"], desc["num_classes"], desc["overrides"])
+    # Block removal changes the architecture's depth: the pruned model is rebuilt with it.
+    overrides = {**desc["overrides"], **report.get("overrides", {})}
+    models.save(pruned, out_stem, desc["timm_name"], desc["num_classes"], overrides)
     report["method"] = plan_doc["method"]
     write_json(report_json, report)
     _print(
@@ -404,15 +415,22 @@ def finetune(
     return report
 
 
-def planning_cost(provenance: dict[str, Any]) -> dict[str, Any]:
-    """What planning cost a run: real LLM calls (cache replays and the heuristic policy are not
-    calls), their tokens, trial prunes, seconds and fallbacks."""
+def planning_cost(
+    provenance: dict[str, Any], agents: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What planning cost a run and, for agent plans, what the LLM contributed.
+
+    Real LLM calls (cache replays and the default policy are not calls), their tokens, trial
+    prunes, seconds and fallbacks; with the plan's ``agents`` section also its ``influence``
+    (see :func:`agentprune.agents.influence.influence`) and whether the plan was allowed to fall
+    back on the default policy.
+    """
     calls = [
         e
         for e in provenance.get("exchanges", [])
         if not e.get("cached") and e.get("backend") not in (None, "heuristic")
     ]
-    return {
+    cost = {
         "backend": provenance.get("backend"),
         "llm_calls": len(calls),
         "prompt_tokens": sum(int(e.get("prompt_tokens") or 0) for e in calls),
@@ -421,6 +439,10 @@ def planning_cost(provenance: dict[str, Any]) -> dict[str, Any]:
         "seconds": float(provenance.get("planning_seconds", 0.0)),
         "fallbacks": len(provenance.get("fallbacks", [])),
     }
+    if agents and "influence" in agents:
+        cost["influence"] = agents["influence"]
+        cost["allow_fallback"] = bool(provenance.get("allow_fallback", False))
+    return cost
 
 
 def evaluate(
@@ -495,7 +517,9 @@ def evaluate(
             "finetune": float(ft_report.get("seconds", float("nan"))),
             "evaluate": time.perf_counter() - start,
         },
-        "planning": planning_cost(provenance),
+        "planning": planning_cost(provenance, plan_doc.get("agents")),
+        # How the structured search landed (a top-up stage is marked in the tables).
+        "search": prune_report.get("search"),
     }
     write_json(out_json, metrics)
     _print(
