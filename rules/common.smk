@@ -77,6 +77,16 @@ def trial_methods():
     return [name for name in methods.names() if methods.get(name).runs_trials]
 
 
+def ablation_pairs():
+    """Method -> its registered ablation, for the methods of the study whose ablation is in the
+    study too (the results table pairs them)."""
+    return {
+        name: method_info(name).ablation
+        for name in config["methods"]
+        if method_info(name).ablation in config["methods"]
+    }
+
+
 def model_ratios(model):
     """The structured {ratio} values of a model: from its targets_gmacs, else the global ratios."""
     return [fmt_ratio(r) for r in structured_ratios(config, model)]

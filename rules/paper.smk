@@ -89,6 +89,8 @@ rule paper:
     params:
         reference_method=config["paper"]["reference_method"],
         references=config["paper"]["references"],
+        # method -> its ablation (multi_agent -> agents_heuristic), paired in the results table.
+        ablations=ablation_pairs(),
     log:
         LOGS + "/paper.log",
     conda:

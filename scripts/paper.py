@@ -13,4 +13,5 @@ render_paper(
     reference_method=snakemake.params.reference_method,
     references=snakemake.params.references,
     benchmarks_csv=snakemake.input.benchmarks,
+    ablations=snakemake.params.ablations,
 )

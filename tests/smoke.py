@@ -84,7 +84,9 @@ def smoke_grid() -> dict[str, int]:
     runs = per_ratio * sum(
         len(cfg["ratios"]) if f == "structured" else len(cfg["sparsities"]) for f in families
     )
-    agent_runs = per_ratio * len(cfg["ratios"]) * cfg["methods"].count("multi_agent")
+    agent_runs = (
+        per_ratio * len(cfg["ratios"]) * sum(methods.get(m).uses_agents for m in cfg["methods"])
+    )
     return {
         "download_data": 1,
         "download_model": len(cfg["models"]),

@@ -54,8 +54,8 @@ def test_smoke_config_passes(base: dict) -> None:
 def test_load_config_merges_in_order() -> None:
     cfg = load_config(CONFIG, SMOKE, overrides={"finetune": {"epochs": 2}})
     assert cfg["finetune"]["epochs"] == 2
-    assert cfg["methods"] == ["multi_agent", "isomorphic", "magnitude_l2", "icbs", "magnitude"]
-    assert cfg["agents"]["backend"] == "heuristic" and cfg["agents"]["timeout_s"] == 60
+    assert cfg["methods"][:3] == ["multi_agent", "agents_heuristic", "isomorphic"]
+    assert cfg["agents"]["backend"] == "llamacpp" and cfg["agents"]["timeout_s"] == 60
     assert cfg["evaluate"]["repeats"] == 3
     assert cfg["evaluate"]["batch_size"] == 256
     assert cfg["models"][0]["pretrained_file"] is None  # item defaults filled
@@ -173,6 +173,11 @@ BAD = {
     "distill_alpha_above_one": (_set("finetune.distill.alpha", 2), "'finetune.distill.alpha'"),
     "string_number": (_set("finetune.lr", "1e-3"), "'finetune.lr'"),
     "no_methods": (_set("methods", []), "'methods'"),
+    "base_url_not_a_url": (_set("agents.base_url", "ht!tp:/ /not a url"), "'agents.base_url'"),
+    "base_url_file_scheme": (_set("agents.base_url", "file:///etc/passwd"), "'agents.base_url'"),
+    "base_url_with_space": (_set("agents.base_url", "http://llm node/v1"), "'agents.base_url'"),
+    "multi_agent_without_llm": (_set("agents.backend", "heuristic"), "'agents.backend'"),
+    "fallback_share_above_one": (_set("agents.max_fallback_share", 1.5), "'agents"),
 }
 
 
@@ -186,6 +191,32 @@ def test_bad_config_raises_one_line(base: dict, edit: Callable[[dict], None], ke
     assert "\n" not in message
     assert message.startswith("config error ")
     assert key in message
+
+
+@pytest.mark.parametrize(
+    "url", ["http://localhost:8000/v1", "https://api.example.com/v1", "http://[::1]:8080", ""]
+)
+def test_http_base_urls_pass(base: dict, url: str) -> None:
+    cfg = merge(base, {"agents": {"backend": "openai", "model": "m", "base_url": url}})
+    check_config(cfg)
+
+
+def test_an_llm_method_needs_an_llm_unless_fallback_is_opted_in(
+    base: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heuristic = merge(base, {"agents": {"backend": "heuristic"}})
+    with pytest.raises(ConfigError, match="agents_heuristic") as info:
+        check_config(heuristic)
+    assert "multi_agent" in str(info.value) and "allow_fallback" in str(info.value)
+    check_config(merge(heuristic, {"agents": {"allow_fallback": True}}))
+    # The no-LLM ablation alone needs no LLM.
+    check_config({**heuristic, "methods": ["agents_heuristic", "isomorphic"]})
+    # auto on a machine without llama-cpp-python is the default policy in disguise too.
+    from agentprune.agents import local_llm
+
+    monkeypatch.setattr(local_llm, "llama_cpp_available", lambda: False)
+    with pytest.raises(ConfigError, match="auto finds no local LLM"):
+        check_config(merge(base, {"agents": {"backend": "auto"}}))
 
 
 def test_unknown_key_is_named(base: dict) -> None:

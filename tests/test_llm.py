@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from agentprune.agents import llm as llm_mod
 from agentprune.agents.llm import LLM, LLMSettings, bundled_gguf
-from agentprune.agents.schemas import FinetuneDecision
 from fault_server import FaultServer, Step
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,6 +79,15 @@ class Tiny(BaseModel):
     note: str = Field(max_length=20)
 
 
+class RealSchedule(BaseModel):
+    """The real-LLM tests' decision: a recovery schedule with a rationale."""
+
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(gt=0.0)
+    steps: int = Field(ge=0)
+    rationale: str = Field(max_length=120)
+
+
 FALLBACK = Schedule(lr=0.0005, steps=7, rationale="heuristic")
 
 
@@ -116,7 +124,8 @@ def check_exchanges(llm: LLM) -> None:
         assert ex["error"] is None or "\n" not in ex["error"]
     json.dumps(llm.exchanges)  # serialisable
     for fb in llm.fallbacks:
-        assert set(fb) == {"agent", "reason"} and "\n" not in fb["reason"]
+        assert set(fb) == {"agent", "kind", "reason"} and "\n" not in fb["reason"]
+        assert fb["kind"] in ("transport", "invalid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +206,7 @@ def test_schema_violation_falls_back_after_reask(server):
     assert "less than or equal to 1" in reask and "Extra inputs are not permitted" in reask
     assert [ex["ok"] for ex in llm.exchanges] == [False, False]
     (fb,) = llm.fallbacks
-    assert fb["agent"] == "finetuning"
+    assert fb["agent"] == "finetuning" and fb["kind"] == llm.last_failure == "invalid"
     assert fb["reason"].startswith("invalid reply after 1 re-ask(s): ") and "lr" in fb["reason"]
     check_exchanges(llm)
 
@@ -226,6 +235,7 @@ def test_500_then_success_retries(server):
     assert llm.exchanges[0]["error"].startswith("HTTP 500")
     assert llm.exchanges[1]["error"].startswith("HTTP 502")
     assert llm.stats()["llm_calls"] == 3 and not llm.fallbacks
+    assert llm.last_failure is None
     check_exchanges(llm)
 
 
@@ -239,6 +249,7 @@ def test_always_500_falls_back_after_retries(server):
     assert time.perf_counter() - t0 >= 0.01 + 0.02 + 0.04  # exponential backoff
     (fb,) = llm.fallbacks
     assert fb["reason"].startswith("HTTP 500 after 3 retries")
+    assert fb["kind"] == llm.last_failure == "transport"
     assert all(not ex["ok"] and "HTTP 500" in ex["error"] for ex in llm.exchanges)
     check_exchanges(llm)
 
@@ -283,6 +294,7 @@ def test_connection_refused():
     assert (decision, from_llm) == (FALLBACK, False)
     assert len(llm.exchanges) == 3
     assert llm.fallbacks[0]["reason"].startswith("connection error after 2 retries")
+    assert llm.last_failure == "transport"
     check_exchanges(llm)
 
 
@@ -346,6 +358,7 @@ def test_heuristic_backend():
     assert ex["ok"] and ex["response"] is None and ex["decision"] == FALLBACK.model_dump()
     assert ex["prompt_tokens"] == ex["completion_tokens"] == 0 and not ex["cached"]
     assert llm.fallbacks == [] and llm.stats()["llm_calls"] == 0
+    assert llm.last_failure == "no_llm"
     assert not Path("/nonexistent/never/written").exists()
     check_exchanges(llm)
     llm.close()
@@ -461,19 +474,19 @@ def test_api_key_is_never_stored(server, tmp_path, monkeypatch, caplog):
 # real SmolLM2 replies
 
 
-def real_fallback() -> FinetuneDecision:
-    return FinetuneDecision(lr=0.0005, steps=7, rationale="heuristic")
+def real_fallback() -> RealSchedule:
+    return RealSchedule(lr=0.0005, steps=7, rationale="heuristic")
 
 
 @needs_llama
 def test_real_llm_over_http(llama_server, tmp_path):
     llm = make_llm(llama_server, model="smollm2", timeout_s=60.0, max_retries=1)
-    decision, from_llm = llm.decide("finetuning", REAL_MESSAGES, FinetuneDecision, real_fallback)
+    decision, from_llm = llm.decide("finetuning", REAL_MESSAGES, RealSchedule, real_fallback)
     check_exchanges(llm)
     assert from_llm, llm.exchanges
     ok = [ex for ex in llm.exchanges if ex["ok"]]
     assert len(ok) == 1 and ok[0]["completion_tokens"] > 0 and ok[0]["prompt_tokens"] > 0
-    assert ok[0]["latency_s"] > 0 and isinstance(decision, FinetuneDecision)
+    assert ok[0]["latency_s"] > 0 and isinstance(decision, RealSchedule)
     # auto detection: llama-cpp-python's server rejects json_schema (with an HTTP 500) once
     first = llm.exchanges[0]
     if not first["ok"]:
@@ -486,8 +499,8 @@ def test_real_llm_over_http(llama_server, tmp_path):
 def test_real_llm_in_process_is_deterministic():
     llm = LLM(LLMSettings(backend="llamacpp", cache="off"), threads=2)
     assert llm.backend == "llamacpp" and llm.model == bundled_gguf().name
-    d1, ok1 = llm.decide("finetuning", REAL_MESSAGES, FinetuneDecision, real_fallback, seed=1)
-    d2, ok2 = llm.decide("finetuning", REAL_MESSAGES, FinetuneDecision, real_fallback, seed=1)
+    d1, ok1 = llm.decide("finetuning", REAL_MESSAGES, RealSchedule, real_fallback, seed=1)
+    d2, ok2 = llm.decide("finetuning", REAL_MESSAGES, RealSchedule, real_fallback, seed=1)
     check_exchanges(llm)
     assert ok1 and ok2, llm.exchanges
     first, second = llm.exchanges
@@ -495,7 +508,7 @@ def test_real_llm_in_process_is_deterministic():
     assert second["response"] == first["response"] and d1 == d2
     # another instance shares the process's model and gives the same reply
     other = LLM(LLMSettings(backend="llamacpp"), threads=2)
-    d3, _ = other.decide("finetuning", REAL_MESSAGES, FinetuneDecision, real_fallback, seed=1)
+    d3, _ = other.decide("finetuning", REAL_MESSAGES, RealSchedule, real_fallback, seed=1)
     assert other.exchanges[0]["response"] == first["response"] and d3 == d1
     assert llm.stats()["llm_calls"] == 2 and llm.stats()["completion_tokens"] > 0
 

@@ -266,6 +266,79 @@ def test_delta_vs_reference_hand_checked():
     assert no_ref["l1_norm"]["delta_ref"] == ""
 
 
+def _agent_summary(fallback_share: float) -> pd.DataFrame:
+    """A structured block with multi_agent, its ablation and isomorphic (3 seeds each)."""
+    base = {
+        "dataset": "digits", "model": "vit", "family": "structured", "ratio": 0.5, "n": 3,
+        "top1_ci_half": 1.0, "top1_base_mean": 95.0, "macs_base_mean": 2e6,
+        "params_base_mean": 2e5, "macs_mean": 1e6, "params_mean": 1e5,
+    }  # fmt: skip
+    agents = {
+        "planning_influence_decisions_mean": 3.0,
+        "planning_influence_trials_mean": 2.0,
+        "planning_influence_fallback_share_mean": fallback_share,
+    }
+    return pd.DataFrame(
+        [
+            {**base, "method": "isomorphic", "top1_mean": 90.0},
+            {
+                **base, **agents, "method": "multi_agent", "top1_mean": 88.0,
+                "planning_influence_llm_differs_mean": 2.0,
+                "planning_influence_llm_trials_mean": 1.0,
+                "planning_influence_selected_llm_mean": 2 / 3,
+            },
+            {
+                **base, **agents, "method": "agents_heuristic", "top1_mean": 89.5,
+                "planning_influence_llm_differs_mean": 0.0,
+                "planning_influence_llm_trials_mean": 0.0,
+                "planning_influence_selected_llm_mean": 0.0,
+                "planning_influence_fallback_share_mean": math.nan,
+            },
+        ]
+    )  # fmt: skip
+
+
+AGENT_PAIR = pd.DataFrame(
+    [
+        {"dataset": "digits", "model": "vit", "family": "structured", "ratio": 0.5,
+         "metric": metric, "method_a": "agents_heuristic", "method_b": "multi_agent",
+         "mean_diff": diff, "t_p_holm": p}
+        for metric, diff, p in (("top1", 1.5, 0.0421), ("top1_pruned", 9.0, 0.5))
+    ]
+)  # fmt: skip
+
+
+def test_ablation_delta_and_llm_influence_columns(tmp_path):
+    summary = _agent_summary(0.0)
+    ablations = {"multi_agent": "agents_heuristic"}
+    rows = {
+        r["method"]: r for r in paper.table_rows(summary, "isomorphic", [], ablations, AGENT_PAIR)
+    }
+    # multi_agent - agents_heuristic = -(a - b), paired over seeds, with the Holm p-value.
+    assert rows["multi_agent"]["delta_ablation"] == "-1.50 (p 0.042)"
+    assert rows["agents_heuristic"]["delta_ablation"] == rows["isomorphic"]["delta_ablation"] == ""
+    assert rows["multi_agent"]["influence"] == ("own 2/3 decisions, LLM trials 1/2, selected 2/3")
+    assert rows["agents_heuristic"]["influence"].startswith("own 0/3 decisions")
+    assert rows["isomorphic"]["influence"] == "–" and not rows["multi_agent"]["fallback"]
+    md, tex, html = paper.render_tables(
+        summary, tmp_path, paper.TEMPLATES, ablations=ablations, comparisons=AGENT_PAIR
+    )
+    lines = md.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| Model"))
+    assert header.endswith("| Δ ablation | LLM influence |")
+    row = next(line for line in lines if "| multi_agent |" in line)
+    assert row.count("|") == header.count("|") and "-1.50 (p 0.042)" in row
+    assert "Δ ablation" in html.read_text() and r"$\Delta$ ablation" in tex.read_text()
+    # Without the ablation in the study there is no column; a fallback share marks the row.
+    plain = paper.table_rows(_agent_summary(0.25), "isomorphic", [], {}, AGENT_PAIR)
+    marked = {r["method"]: r for r in plain}
+    assert marked["multi_agent"]["delta_ablation"] == "" and marked["multi_agent"]["fallback"]
+    assert marked["multi_agent"]["influence"].endswith("failed 25%")
+    md2, _, _ = paper.render_tables(_agent_summary(0.25), tmp_path / "b", paper.TEMPLATES)
+    text = md2.read_text()
+    assert "Δ ablation |" not in text and "| multi_agent ‡ |" in text
+
+
 def test_latex_escapes_underscores_percent_and_pm(rendered):
     tex = rendered["outputs"]["results_tex"].read_text()
     assert r"\begin{tabular}" in tex and r"\toprule" in tex and r"\bottomrule" in tex

@@ -74,6 +74,15 @@ def _metrics(method: str, ratio: float, seed: int, rng: np.random.Generator) -> 
             "trials": 2 if method == "agent" else 0,
             "fallbacks": 0,
             "seconds": 0.5 if method == "agent" else 0.0,
+            "influence": {
+                "decisions": 3,
+                "llm": 3 if method == "agent" else 0,
+                "llm_differs": int(rng.integers(0, 4)) if method == "agent" else 0,
+                "trials": 2,
+                "llm_trials": int(rng.integers(0, 3)) if method == "agent" else 0,
+                "selected_llm": bool(rng.integers(0, 2)) and method == "agent",
+                "fallback_share": 0.0 if method == "agent" else None,
+            },
         },
     }
 

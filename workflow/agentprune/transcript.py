@@ -27,7 +27,8 @@ def _messages(messages: Any) -> str:
 
 
 def render_transcript(plan: dict[str, Any], templates_dir: str | Path = TEMPLATES) -> str:
-    """The HTML page of ``plan``: decision, trials, clamps, fallbacks and every exchange."""
+    """The HTML page of ``plan``: the plan, every decision next to the default policy's, the
+    trials, clamps, fallbacks and every exchange."""
     from agentprune.paper import make_environment
 
     env = make_environment(templates_dir)
@@ -42,6 +43,7 @@ def render_transcript(plan: dict[str, Any], templates_dir: str | Path = TEMPLATE
         exchanges=provenance.get("exchanges", []),
         clamps=provenance.get("clamps", []),
         fallbacks=provenance.get("fallbacks", []),
+        decisions=provenance.get("decisions", []),
     )
 
 

@@ -1,10 +1,16 @@
-"""What every LLM-backed agent shares: a role prompt, one decision schema, and a heuristic policy
-that answers when there is no LLM or the LLM fails."""
+"""What every LLM-backed agent shares: a role prompt, one decision schema, a default policy that
+answers when there is no LLM or the LLM fails, and the record of where each decision came from.
+
+The prompt describes every field of the decision (its meaning and its range or enum) and gives
+the measured state; it does not contain the default policy's answer unless the run asks for an
+anchored prompt (``agents.anchor_default``), so an unanchored LLM decision is the model's own.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from agentprune.agents.schemas import Decision
@@ -12,14 +18,21 @@ from agentprune.agents.schemas import Decision
 if TYPE_CHECKING:
     from agentprune.agents.llm import LLM
 
+PROMPTS = ("unanchored", "anchored")
+"""The two prompt kinds a plan records (``agents.anchor_default`` picks ``anchored``)."""
+
+SOURCES = ("llm", "llm_equal_default", "default")
+"""Where a decision came from: the LLM with a decision of its own, the LLM with the same decision
+the default policy takes in that state, or the default policy (see :data:`DEFAULT_REASONS`)."""
+
+DEFAULT_REASONS = ("transport", "invalid", "repeat", "no_llm")
+"""Why the default policy answered: the LLM could not be reached, its replies kept failing
+validation, it repeated a trial already run (after one re-ask), or there is no LLM."""
+
 
 def compact(obj: Any) -> str:
     """Short, stable JSON for prompts (a 135M-parameter model has a small context)."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=_round)
-
-
-def _round(value: Any) -> Any:
-    return str(value)
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=str)
 
 
 def rounded(obj: Any, digits: int = 3) -> Any:
@@ -34,10 +47,109 @@ def rounded(obj: Any, digits: int = 3) -> Any:
     return obj
 
 
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A schema node with ``$ref`` followed and a nullable ``anyOf`` unwrapped."""
+    nullable = False
+    if "anyOf" in node:
+        options = [o for o in node["anyOf"] if o.get("type") != "null"]
+        nullable = len(options) < len(node["anyOf"])
+        node = {**options[0], **{k: v for k, v in node.items() if k != "anyOf"}}
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return node, nullable
+
+
+def _kind(node: dict[str, Any], defs: dict[str, Any]) -> str:
+    """The type of a schema node in words: ``"a"|"b"``, ``integer``, ``list of ...`` (ranges are
+    in the descriptions, with the run's own limits)."""
+    if "enum" in node:
+        return "|".join(json.dumps(v) for v in node["enum"])
+    if "const" in node:
+        return json.dumps(node["const"])
+    kind = node.get("type", "value")
+    if kind == "array":
+        item, _ = _resolve(node.get("items", {}), defs)
+        limit = f" (at most {node['maxItems']})" if "maxItems" in node else ""
+        return f"list{limit} of {_kind(item, defs)}"
+    return str(kind)
+
+
+def describe_schema(schema: dict[str, Any], indent: str = "") -> list[str]:
+    """One line per field of a JSON schema (nested objects indented): name, type or enum,
+    description.
+
+    Args:
+        schema: a pydantic ``model_json_schema()`` (with ``$defs``) or one of its objects.
+        indent: prefix of every line (nesting).
+
+    Returns:
+        Lines like ``- grouping ("isomorphic"|"global"|"uniform"): rank ...``.
+    """
+    defs = schema.get("$defs", {})
+    return _describe(schema, defs, indent)
+
+
+def _describe(schema: dict[str, Any], defs: dict[str, Any], indent: str) -> list[str]:
+    lines: list[str] = []
+    for name, raw in schema.get("properties", {}).items():
+        node, nullable = _resolve(raw, defs)
+        description = raw.get("description") or node.get("description") or ""
+        if node.get("type") == "object" or "properties" in node:
+            kind = "object or null" if nullable else "object"
+            lines.append(f"{indent}- {name} ({kind}): {description}".rstrip(": "))
+            lines.extend(_describe(node, defs, indent + "  "))
+            continue
+        kind = _kind(node, defs) + (" or null" if nullable else "")
+        lines.append(f"{indent}- {name} ({kind}): {description}".rstrip(": "))
+    return lines
+
+
+@dataclass
+class Answer:
+    """One decision and where it came from.
+
+    Attributes:
+        decision: the decision the loop acts on.
+        default: what the default policy decides in the same state.
+        source: one of :data:`SOURCES`.
+        reason: for ``source == "default"``, one of :data:`DEFAULT_REASONS`; else None.
+    """
+
+    decision: Decision
+    default: Decision
+    source: str
+    reason: str | None = None
+
+    @property
+    def from_llm(self) -> bool:
+        """Whether the LLM answered (with its own decision or the default's)."""
+        return self.source != "default"
+
+    def record(self, agent: str, **extra: Any) -> dict[str, Any]:
+        """The JSON record of this decision for the plan's provenance."""
+        return {
+            "agent": agent,
+            "source": self.source,
+            "reason": self.reason,
+            "decision": self.decision.acting_fields(),
+            "default": self.default.acting_fields(),
+            **extra,
+        }
+
+
+def classify(llm_decision: Decision | None, default: Decision, failure: str | None) -> Answer:
+    """The :class:`Answer` for a validated LLM decision (or None when the default answered)."""
+    if llm_decision is None:
+        return Answer(default, default, "default", failure or "no_llm")
+    same = llm_decision.acting_fields() == default.acting_fields()
+    return Answer(llm_decision, default, "llm_equal_default" if same else "llm")
+
+
 class LLMAgent:
     """An agent that asks the LLM for one kind of decision.
 
-    Subclasses set ``name``, ``decision`` and ``role``, and build the payload and the heuristic
+    Subclasses set ``name``, ``decision`` and ``role``, and build the payload and the default
     decision.
     """
 
@@ -45,17 +157,28 @@ class LLMAgent:
     decision: ClassVar[type[Decision]] = Decision
     role: ClassVar[str] = ""
 
-    def messages(self, payload: dict[str, Any], default: Decision) -> list[dict[str, str]]:
-        """The chat messages: the role, the reply's keys and the default policy's reply (small
-        models need an example of the shape and the scale of the numbers), then the payload."""
-        keys = ", ".join(self.decision.model_json_schema()["properties"])
-        system = (
-            f"{self.role} Reply with one JSON object with the keys: {keys}. "
-            f"The default policy would reply: {compact(rounded(default.model_dump()))}. "
-            "Improve on it when the data below suggests so."
-        )
+    def system_prompt(self, default: Decision | None, limits: dict[str, Any] | None = None) -> str:
+        """The role, every field of the reply with its meaning and range (``limits`` fill the
+        ``{name}`` placeholders of the descriptions), and, for anchored prompts only, the default
+        policy's reply."""
+        fields = "\n".join(describe_schema(self.decision.model_json_schema()))
+        lines = [self.role, "Reply with one JSON object:", fields.format_map(limits or {})]
+        if default is not None:
+            lines.append(
+                f"The default policy would reply: {compact(rounded(default.model_dump()))}. "
+                "Improve on it when the data suggests so."
+            )
+        return "\n".join(lines)
+
+    def messages(
+        self,
+        payload: dict[str, Any],
+        default: Decision | None,
+        limits: dict[str, Any] | None = None,
+    ) -> list[dict[str, str]]:
+        """The chat messages: the system prompt (see :meth:`system_prompt`), then the payload."""
         return [
-            {"role": "system", "content": system},
+            {"role": "system", "content": self.system_prompt(default, limits)},
             {"role": "user", "content": compact(rounded(payload))},
         ]
 
@@ -65,13 +188,23 @@ class LLMAgent:
         payload: dict[str, Any],
         heuristic: Callable[[], Decision],
         seed: int,
-    ) -> tuple[Decision, bool]:
-        """The LLM's decision on ``payload`` (validated), or the heuristic one on failure.
+        anchored: bool = False,
+        feedback: list[dict[str, str]] | None = None,
+        limits: dict[str, Any] | None = None,
+    ) -> Answer:
+        """The LLM's decision on ``payload`` (validated), or the default one on failure.
 
-        Returns:
-            The decision and whether it came from the LLM.
+        Args:
+            llm: the LLM.
+            payload: the measured state (sent as JSON).
+            heuristic: builds the default policy's decision in this state.
+            seed: the sampling seed.
+            anchored: show the default decision in the prompt.
+            feedback: extra messages after the payload (a re-ask with feedback).
+            limits: the run's limits quoted in the field descriptions.
         """
         default = heuristic()
-        return llm.decide(
-            self.name, self.messages(payload, default), self.decision, lambda: default, seed
-        )
+        messages = self.messages(payload, default if anchored else None, limits)
+        messages += list(feedback or [])
+        decision, from_llm = llm.decide(self.name, messages, self.decision, lambda: default, seed)
+        return classify(decision if from_llm else None, default, llm.last_failure)

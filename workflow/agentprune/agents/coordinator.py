@@ -2,26 +2,39 @@
 evaluation per trial, until the master stops, the trials are spent, or a trial improves the best
 proxy accuracy by less than ``agents.min_improvement``.
 
-The plan it returns is the best trial by proxy (validation) accuracy; every trial, exchange,
-fallback and clamp is recorded in the plan's provenance.
+Two agents ask the LLM: profiling (protect and risks, once) and master (the next trial's strategy
+and recovery, or stop, once per trial). Analysis clamps the strategy to the safety bounds, pruning
+prunes to the exact MACs target, fine-tuning runs the clamped recovery, evaluation measures
+validation accuracy and puts it into the history the master reads next. Every decision is
+recorded with its source (the LLM's own, the LLM's equal to the default policy's, or the default
+policy's and why) next to what the default policy would have decided in the same state.
+
+The plan it returns is the best trial by proxy (validation) accuracy; every trial, decision,
+exchange, fallback and clamp is recorded in the plan's provenance.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agentprune.agents.analysis import AnalysisAgent, Bounds, kind_caps
+from agentprune.agents.base import Answer
 from agentprune.agents.evaluation import EvaluationAgent, measure
 from agentprune.agents.finetuning import FinetuningAgent, recover
+from agentprune.agents.influence import influence, llm_failures
 from agentprune.agents.llm import LLM
 from agentprune.agents.master import MasterAgent, isomorphic_strategy
 from agentprune.agents.profiling_agent import ProfilingAgent
 from agentprune.agents.pruning_agent import PruningAgent
-from agentprune.agents.schemas import Strategy
+from agentprune.agents.schemas import MasterDecision, Recovery, Strategy
 from agentprune.pruning.settings import PruningError, TargetOutOfReach
+
+
+class LLMUnavailableError(RuntimeError):
+    """Too many of a plan's LLM decisions failed: the run would be the default policy's."""
 
 
 @dataclass
@@ -46,6 +59,89 @@ class Workspace:
     eval_batch: int
 
 
+@dataclass
+class BoundsLadder:
+    """The safety bounds of a run and how far they were relaxed.
+
+    When the bounds leave the target out of reach they are relaxed step by step (each step
+    recorded): first the profiling agent's protection, then the measured bounds down to the config
+    ceiling. The target is the wildcard's and never moves.
+    """
+
+    levels: list[tuple[str, Bounds]]
+    level: int = 0
+
+    @classmethod
+    def of(cls, bounds: Bounds) -> BoundsLadder:
+        """The ladder that starts at ``bounds``."""
+        return cls(
+            [
+                ("measured bounds with protection", bounds),
+                (
+                    "measured bounds without protection",
+                    dataclasses.replace(bounds, protect_factor=1.0),
+                ),
+                (
+                    "the config ceiling agents.max_ratio for every kind",
+                    dataclasses.replace(bounds, max_ratio={}, protect_factor=1.0),
+                ),
+            ]
+        )
+
+    @property
+    def label(self) -> str:
+        """The current level's description."""
+        return self.levels[self.level][0]
+
+    @property
+    def bounds(self) -> Bounds:
+        """The current level's bounds."""
+        return self.levels[self.level][1]
+
+    def relax(self) -> bool:
+        """Move one level looser; False when already at the loosest."""
+        if self.level + 1 >= len(self.levels):
+            return False
+        self.level += 1
+        return True
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one plan shares.
+
+    Attributes:
+        target: the MACs fraction to remove.
+        kinds: the group kinds of this model (from the profile).
+        protect: the kinds the profiling agent protects.
+        heads_per_layer: attention heads of each layer.
+        overrides: ``method_settings.<method>``: the user's word on the pruner is final.
+        workspace: models and data.
+        seed: the run's seed.
+        base_val_top1: the unpruned model's validation top-1 (what a trial's drop is from).
+        ladder: the safety bounds and their relaxation.
+        clamps: every clamp applied so far (each with its trial number).
+        relaxations: every relaxation of the bounds so far.
+    """
+
+    target: float
+    kinds: list[str]
+    protect: list[str]
+    heads_per_layer: list[int]
+    overrides: dict[str, Any]
+    workspace: Workspace
+    seed: int
+    base_val_top1: float
+    ladder: BoundsLadder
+    clamps: list[dict[str, Any]] = field(default_factory=list)
+    relaxations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def caps(self) -> dict[str, float]:
+        """The effective bound of every kind at the current level."""
+        return kind_caps(self.kinds, self.protect, self.ladder.bounds, self.heads_per_layer)
+
+
 class Coordinator:
     """Runs the six agents against one LLM."""
 
@@ -60,12 +156,18 @@ class Coordinator:
         self.cfg = agents_cfg
         self.search = search
         self.log = log
+        self.anchored = bool(agents_cfg["anchor_default"])
         self.profiling = ProfilingAgent()
         self.master = MasterAgent()
         self.analysis = AnalysisAgent()
         self.pruning = PruningAgent()
         self.finetuning = FinetuningAgent()
         self.evaluation = EvaluationAgent()
+        self.decisions: list[dict[str, Any]] = []
+        # The coordinator's own fallbacks: relaxed bounds and fallback trials.
+        self.fallbacks: list[dict[str, Any]] = []
+
+    # -- the loop ----------------------------------------------------------------------------
 
     def run(
         self,
@@ -76,37 +178,37 @@ class Coordinator:
         workspace: Workspace,
         seed: int,
         default_calibration: int,
+        base_val_top1: float,
     ) -> dict[str, Any]:
         """Plan one run.
 
         Returns:
             ``pruner`` (the best trial's settings), ``expected`` (its achieved fraction and
-            MACs), ``agents`` (protect, risks, stop reason, best trial) and ``provenance``.
-        """
-        from agentprune import train
+            MACs), ``agents`` (protect, risks, stop reason, best trial, influence) and
+            ``provenance``.
 
+        Raises:
+            LLMUnavailableError: more than ``agents.max_fallback_share`` of the LLM decisions
+                failed and ``agents.allow_fallback`` is off.
+        """
         start = time.perf_counter()
-        max_loss = float(self.cfg["max_loss_increase"])
-        found, summary = self.profiling.run(self.llm, profile, max_loss, seed)
-        kinds = list(summary["loss_increase"])
-        heads_per_layer = list(summary.get("attention_heads") or [])
-        # When the bounds leave the target out of reach, they are relaxed step by step (and
-        # each step recorded): first the profiling agent's protection, then the measured bounds
-        # down to the config ceiling. The target is the wildcard's and never moves.
-        ladder = [
-            ("measured bounds with protection", bounds),
-            ("measured bounds without protection", dataclasses.replace(bounds, protect_factor=1.0)),
-            (
-                "the config ceiling agents.max_ratio for every kind",
-                dataclasses.replace(bounds, max_ratio={}, protect_factor=1.0),
-            ),
-        ]
-        level = 0
-        caps = kind_caps(kinds, found.protect, bounds, heads_per_layer)
-        self.log(f"profiling: protect {found.protect}; bounds {caps}")
+        answer, summary = self.profiling.run(
+            self.llm, profile, float(self.cfg["max_loss_increase"]), seed, self.anchored
+        )
+        self._decided(answer.record("profiling"))
+        ctx = TrialContext(
+            target=target,
+            kinds=list(summary["loss_increase"]),
+            protect=list(answer.decision.protect),
+            heads_per_layer=list(summary.get("attention_heads") or []),
+            overrides=overrides,
+            workspace=workspace,
+            seed=seed,
+            base_val_top1=base_val_top1,
+            ladder=BoundsLadder.of(bounds),
+        )
+        self.log(f"profiling: protect {ctx.protect}; bounds {ctx.caps}")
         history: list[dict[str, Any]] = []
-        clamps: list[dict[str, Any]] = []
-        fallbacks: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         stop_reason = "max_iterations"
         max_iterations = int(self.cfg["max_iterations"])
@@ -114,49 +216,27 @@ class Coordinator:
             state = {
                 "target": target,
                 "profile": summary,
-                "protect": found.protect,
-                "bounds": caps,
+                "protect": ctx.protect,
+                "risks": list(answer.decision.risks),
+                "bounds": ctx.caps,
+                "max_calibration_batches": ctx.ladder.bounds.max_calibration_batches,
+                "recovery": self.cfg["recovery"],
+                "base_val_top1": ctx.base_val_top1,
                 "history": history,
                 "trials_left": max_iterations - index,
                 "calibration_batches": default_calibration,
-                "min_improvement": float(self.cfg["min_improvement"]),
             }
-            decision, from_llm = self.master.run(self.llm, state, seed)
-            if decision.action == "stop" and history:
-                stop_reason = "master"
+            decided = self.master.run(
+                self.llm, state, lambda d: self._effective(d, ctx), seed, self.anchored
+            )
+            self._decided(decided.record("master", trial=index + 1))
+            if decided.decision.action == "stop" and history:
+                stop_reason = _stop_reason(decided)
                 break
-            tried = [t["strategy"] for t in history]
-            if decision.strategy.model_dump() in tried:
-                # Trials are deterministic: a repeat would only spend time. Take the default
-                # policy's next strategy instead, or stop if that was tried too.
-                default = self.master.heuristic(state)
-                if default.action == "stop" or default.strategy.model_dump() in tried:
-                    stop_reason = "repeated_strategy"
-                    break
-                fallbacks.append(
-                    {
-                        "agent": "master",
-                        "reason": "repeated an earlier trial's strategy; ran the default policy's",
-                    }
-                )
-                decision, from_llm = default, False
-            trial = self._trial(
-                index + 1, decision.strategy, from_llm, decision.rationale, target, kinds, found,
-                bounds, caps, heads_per_layer, overrides, workspace, seed, clamps, best,
-            )  # fmt: skip
+            trial = self._trial(index + 1, decided, ctx, best)
             history.append(trial)
-            if trial.get("out_of_reach") and level + 1 < len(ladder):
-                level += 1
-                bounds = ladder[level][1]
-                caps = kind_caps(kinds, found.protect, bounds, heads_per_layer)
-                fallbacks.append(
-                    {
-                        "agent": "coordinator",
-                        "reason": f"target {target} out of reach under the bounds; relaxed to "
-                        f"{ladder[level][0]}: {caps}",
-                    }
-                )
-                self.log(f"bounds relaxed to {ladder[level][0]}: {caps}")
+            if trial.get("out_of_reach"):
+                self._relax(ctx)
             if "val_top1" not in trial:
                 continue
             previous = None if best is None else best["val_top1"]
@@ -168,99 +248,86 @@ class Coordinator:
                 stop_reason = "min_improvement"
                 break
         while best is None:
-            # Every trial failed: the isomorphic recipe, under the loosest bounds reached so far
-            # and then looser ones, keeps the run alive.
-            fallbacks.append(
-                {
-                    "agent": "coordinator",
-                    "reason": f"no trial succeeded; ran the isomorphic recipe under "
-                    f"{ladder[level][0]}",
-                }
-            )
-            strategy = isomorphic_strategy("heads" in kinds, default_calibration)
-            trial = self._trial(
-                len(history) + 1, strategy, False, "fallback", target, kinds, found, bounds,
-                caps, heads_per_layer, overrides, workspace, seed, clamps, None,
-            )  # fmt: skip
-            history.append(trial)
-            if "val_top1" in trial:
-                best = trial
-            elif trial.get("out_of_reach") and level + 1 < len(ladder):
-                level += 1
-                bounds = ladder[level][1]
-                caps = kind_caps(kinds, found.protect, bounds, heads_per_layer)
-            else:
-                raise PruningError(f"multi_agent: no trial reached the target ({trial['error']})")
-        train.seed_everything(seed)
-        return {
-            "pruner": best["settings"],
-            "expected": {k: best[k] for k in ("achieved", "macs", "params")},
-            "agents": {
-                "protect": found.protect,
-                "risks": found.risks,
-                "bounds": caps,
-                "bounds_level": ladder[level][0],
-                "stop_reason": stop_reason,
-                "best_trial": best["trial"],
-            },
-            "provenance": {
-                "exchanges": self.llm.exchanges,
-                "fallbacks": self.llm.fallbacks + fallbacks,
-                "clamps": clamps,
-                "trials": history,
-                "llm": self.llm.stats(),
-                "planning_seconds": time.perf_counter() - start,
-            },
-        }
+            best = self._fallback_trial(history, ctx, default_calibration)
+        self._check_fallbacks(final=True)
+        return self._outcome(ctx, history, best, stop_reason, answer, start)
+
+    # -- one trial ---------------------------------------------------------------------------
+
+    def _effective(self, decision: MasterDecision, ctx: TrialContext) -> dict[str, Any]:
+        """The trial ``decision`` would run under the current bounds (every clamp applied)."""
+        settings, _ = self._settings(decision.strategy, ctx)
+        recovery, _ = self.finetuning.run(decision.recovery, self.cfg["recovery"])
+        return {"settings": settings.to_dict(), "recovery": recovery.model_dump()}
+
+    def _settings(self, strategy: Strategy, ctx: TrialContext):
+        return self.analysis.run(
+            strategy,
+            ctx.target,
+            ctx.kinds,
+            ctx.protect,
+            ctx.ladder.bounds,
+            ctx.overrides,
+            ctx.heads_per_layer,
+        )
 
     def _trial(
+        self, number: int, decided: Answer, ctx: TrialContext, best: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """One trial: settings -> prune -> recover -> measure -> assess."""
+        decision = decided.decision
+        assert isinstance(decision, MasterDecision)
+        return self._run_trial(
+            number,
+            decision.strategy,
+            decision.recovery,
+            {"strategy_source": decided.source, "default_reason": decided.reason},
+            decision.rationale,
+            ctx,
+            best,
+        )
+
+    def _run_trial(
         self,
         number: int,
         strategy: Strategy,
-        from_llm: bool,
+        requested: Recovery,
+        source: dict[str, Any],
         rationale: str,
-        target: float,
-        kinds: list[str],
-        found,
-        bounds: Bounds,
-        caps: dict[str, float],
-        heads_per_layer: list[int],
-        overrides: dict[str, Any],
-        workspace: Workspace,
-        seed: int,
-        clamps: list[dict[str, Any]],
+        ctx: TrialContext,
         best: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        """One trial: settings -> prune -> recover -> measure -> assess."""
         from agentprune import train
 
         trial_start = time.perf_counter()
-        settings, applied = self.analysis.run(
-            strategy, target, kinds, found.protect, bounds, overrides, heads_per_layer
-        )
-        clamps.extend({**c, "trial": number} for c in applied)
+        settings, applied = self._settings(strategy, ctx)
+        recovery, recovery_clamps = self.finetuning.run(requested, self.cfg["recovery"])
+        ctx.clamps.extend({**c, "trial": number} for c in applied + recovery_clamps)
         trial: dict[str, Any] = {
             "trial": number,
-            "target": target,
+            "target": ctx.target,
             "strategy": strategy.model_dump(),
-            "strategy_source": "llm" if from_llm else "heuristic",
+            "recovery_requested": requested.model_dump(),
+            **source,
             "rationale": rationale,
             "settings": settings.to_dict(),
-            "bounds": caps,
+            "effective": {"settings": settings.to_dict(), "recovery": recovery.model_dump()},
+            "bounds": ctx.caps,
         }
         # Same seeding and calibration prefix as the prune step: the best trial's pruned model
         # is exactly what the prune step will rebuild from the plan.
-        train.seed_everything(seed)
+        train.seed_everything(ctx.seed)
+        ws = ctx.workspace
         try:
             model, report = self.pruning.run(
-                workspace.base,
+                ws.base,
                 settings,
-                target,
-                workspace.example_inputs,
-                workspace.calibration,
-                seed,
+                ctx.target,
+                ws.example_inputs,
+                ws.calibration,
+                ctx.seed,
                 self.search,
-                caps,
+                ctx.caps,
             )
         except (PruningError, RuntimeError, ValueError) as err:
             trial["error"] = str(err).splitlines()[0]
@@ -274,22 +341,137 @@ class Coordinator:
             params=report["params"],
             realized_ratios=report["realized_ratios"],
         )
-        schedule, applied = self.finetuning.run(self.llm, trial, self.cfg["recovery"], seed)
-        clamps.extend({**c, "trial": number} for c in applied)
         recovered = recover(
-            model, workspace.recovery, schedule.lr, schedule.steps, seed,
+            model, ws.recovery, recovery.lr, recovery.steps, ctx.seed,
             float(self.cfg["recovery"]["weight_decay"]),
         )  # fmt: skip
-        trial["recovery"] = {"lr": schedule.lr, "steps": schedule.steps, **recovered}
-        trial.update(measure(model, workspace.val, workspace.eval_batch))
-        verdict = self.evaluation.run(
-            self.llm, trial, None if best is None else best["val_top1"], seed
+        trial["recovery"] = {"lr": recovery.lr, "steps": recovery.steps, **recovered}
+        trial.update(measure(model, ws.val, ws.eval_batch))
+        trial["assessment"] = self.evaluation.assess(
+            trial["val_top1"], ctx.base_val_top1, None if best is None else best["val_top1"]
         )
-        trial["assessment"] = verdict.model_dump()
         trial["seconds"] = time.perf_counter() - trial_start
         self.log(
-            f"trial {number}: {strategy.grouping}/{strategy.importance} achieved "
-            f"{trial['achieved']:.4f} val top1 {trial['val_top1']:.2f}% "
-            f"({trial['seconds']:.1f}s)"
+            f"trial {number} ({source['strategy_source']}): {strategy.grouping}/"
+            f"{strategy.importance} achieved {trial['achieved']:.4f} val top1 "
+            f"{trial['val_top1']:.2f}% ({trial['seconds']:.1f}s)"
         )
         return trial
+
+    def _fallback_trial(
+        self, history: list[dict[str, Any]], ctx: TrialContext, calibration: int
+    ) -> dict[str, Any] | None:
+        """When every trial failed: the isomorphic recipe, under the loosest bounds reached so far
+        and then looser ones, keeps the run alive (recorded as the coordinator's fallback)."""
+        self.fallbacks.append(
+            {
+                "agent": "coordinator",
+                "kind": "no_trial",
+                "reason": f"no trial succeeded; ran the isomorphic recipe under {ctx.ladder.label}",
+            }
+        )
+        strategy = isomorphic_strategy("heads" in ctx.kinds, calibration)
+        recovery = Recovery(
+            lr=float(self.cfg["recovery"]["lr"]), steps=int(self.cfg["recovery"]["steps"])
+        )
+        source = {"strategy_source": "fallback", "default_reason": "no_trial"}
+        trial = self._run_trial(len(history) + 1, strategy, recovery, source, "fallback", ctx, None)
+        history.append(trial)
+        if "val_top1" in trial:
+            return trial
+        if trial.get("out_of_reach") and self._relax(ctx):
+            return None
+        raise PruningError(f"multi_agent: no trial reached the target ({trial['error']})")
+
+    def _relax(self, ctx: TrialContext) -> bool:
+        """One step down the bounds ladder, recorded; False when there is none left."""
+        if not ctx.ladder.relax():
+            return False
+        reason = (
+            f"target {ctx.target} out of reach under the bounds; relaxed to "
+            f"{ctx.ladder.label}: {ctx.caps}"
+        )
+        ctx.relaxations.append({"level": ctx.ladder.label, "bounds": ctx.caps})
+        self.fallbacks.append({"agent": "coordinator", "kind": "relaxed", "reason": reason})
+        self.log(f"bounds relaxed to {ctx.ladder.label}: {ctx.caps}")
+        return True
+
+    # -- decisions, fallbacks and the outcome ------------------------------------------------
+
+    def _decided(self, record: dict[str, Any]) -> None:
+        """Record one decision; fail early once the plan can no longer stay under the share."""
+        self.decisions.append(record)
+        self._check_fallbacks(final=False)
+
+    def _check_fallbacks(self, final: bool) -> None:
+        """Raise :class:`LLMUnavailableError` when too many LLM decisions failed.
+
+        Before the end of the plan, it raises as soon as the share is exceeded even if every
+        remaining decision succeeded (1 + max_iterations decisions at most), so a dead endpoint
+        fails after a few decisions instead of running a whole heuristic plan.
+        """
+        if self.cfg["allow_fallback"]:
+            return
+        failed, asked = llm_failures(self.decisions)
+        share = float(self.cfg["max_fallback_share"])
+        most = asked if final else max(asked, 1 + int(self.cfg["max_iterations"]))
+        if asked and failed > share * most:
+            raise LLMUnavailableError(self._unavailable(failed, asked, share))
+
+    def _unavailable(self, failed: int, asked: int, share: float) -> str:
+        settings = self.llm.settings
+        where = settings.base_url or "the SDK's default endpoint"
+        if self.llm.backend == "llamacpp":
+            where = self.llm.model
+        last = self.llm.fallbacks[-1]["reason"] if self.llm.fallbacks else "none recorded"
+        return (
+            f"multi_agent planning failed: {failed} of {asked} LLM decisions failed (more than "
+            f"agents.max_fallback_share={share:g}); backend {self.llm.backend} at {where}; last "
+            f"error: {last} (set agents.allow_fallback: true to let the default policy answer)"
+        )
+
+    def _outcome(
+        self,
+        ctx: TrialContext,
+        history: list[dict[str, Any]],
+        best: dict[str, Any],
+        stop_reason: str,
+        profiling: Answer,
+        start: float,
+    ) -> dict[str, Any]:
+        from agentprune import train
+
+        train.seed_everything(ctx.seed)
+        prompt = "anchored" if self.anchored else "unanchored"
+        return {
+            "pruner": best["settings"],
+            "expected": {k: best[k] for k in ("achieved", "macs", "params")},
+            "agents": {
+                "protect": ctx.protect,
+                "risks": list(profiling.decision.risks),
+                "bounds": ctx.caps,
+                "bounds_level": ctx.ladder.label,
+                "stop_reason": stop_reason,
+                "best_trial": best["trial"],
+                "prompt": prompt,
+                "influence": influence(self.decisions, history, best, prompt),
+            },
+            "provenance": {
+                "prompt": prompt,
+                "decisions": self.decisions,
+                "exchanges": self.llm.exchanges,
+                "fallbacks": self.llm.fallbacks + self.fallbacks,
+                "clamps": ctx.clamps,
+                "relaxations": ctx.relaxations,
+                "trials": history,
+                "llm": self.llm.stats(),
+                "planning_seconds": time.perf_counter() - start,
+            },
+        }
+
+
+def _stop_reason(decided: Answer) -> str:
+    """Why a master decision stopped the search."""
+    if decided.source != "default":
+        return "master"
+    return "repeated_strategy" if decided.reason == "repeat" else "default_sequence_spent"

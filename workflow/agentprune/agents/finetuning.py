@@ -1,64 +1,43 @@
-"""The fine-tuning agent: a short recovery run of a trial on the calibration split; the LLM picks
-the learning rate and the number of steps within bounds."""
+"""The fine-tuning agent: runs a trial's short recovery on the calibration split, with the
+schedule the master chose, clamped to ``agents.recovery``. It makes no LLM call of its own: the
+schedule is part of the master's decision (one call per trial instead of two)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from agentprune.agents.base import LLMAgent
-from agentprune.agents.schemas import FinetuneDecision
+from agentprune.agents.schemas import Recovery
 
 
-class FinetuningAgent(LLMAgent):
-    """Chooses and runs the recovery schedule of a trial."""
+class FinetuningAgent:
+    """Clamps and runs the recovery schedule of a trial."""
 
     name = "finetuning"
-    decision = FinetuneDecision
-    role = (
-        "You are the fine-tuning agent of a pruning system. A model was just pruned; choose a "
-        "short recovery schedule on a small calibration set: lr (AdamW learning rate, e.g. "
-        "0.0005 to 0.005) and steps (optimizer steps, within max_steps). More steps recover more "
-        "accuracy but cost time."
-    )
-
-    def heuristic(self, recovery: dict[str, Any]) -> FinetuneDecision:
-        """The configured default schedule."""
-        return FinetuneDecision(
-            lr=float(recovery["lr"]),
-            steps=int(recovery["steps"]),
-            rationale="configured default recovery schedule",
-        )
 
     def run(
-        self, llm, trial: dict[str, Any], recovery: dict[str, Any], seed: int
-    ) -> tuple[FinetuneDecision, list[dict[str, Any]]]:
+        self, requested: Recovery, recovery: dict[str, Any]
+    ) -> tuple[Recovery, list[dict[str, Any]]]:
         """The clamped schedule and the clamps applied."""
-        payload = {
-            "target_macs_fraction_removed": trial["target"],
-            "achieved": trial.get("achieved"),
-            "max_steps": int(recovery["max_steps"]),
-        }
-        decision, _ = self.ask(llm, payload, lambda: self.heuristic(recovery), seed)
         clamps = []
-        lr = min(float(recovery["lr_max"]), max(float(recovery["lr_min"]), decision.lr))
-        steps = min(int(recovery["max_steps"]), max(0, decision.steps))
-        for name, requested, applied, low, high in (
-            ("lr", decision.lr, lr, recovery["lr_min"], recovery["lr_max"]),
-            ("steps", decision.steps, steps, 0, recovery["max_steps"]),
+        lr = min(float(recovery["lr_max"]), max(float(recovery["lr_min"]), requested.lr))
+        steps = min(int(recovery["max_steps"]), max(0, requested.steps))
+        for name, asked, applied, low, high in (
+            ("lr", requested.lr, lr, recovery["lr_min"], recovery["lr_max"]),
+            ("steps", requested.steps, steps, 0, recovery["max_steps"]),
         ):
-            if requested != applied:
+            if asked != applied:
                 clamps.append(
                     {
                         "agent": self.name,
-                        "field": name,
-                        "requested": requested,
+                        "field": f"recovery.{name}",
+                        "requested": asked,
                         "applied": applied,
-                        "bound": high if requested > high else low,
+                        "bound": high if asked > high else low,
                         "reason": f"agents.recovery bounds [{low}, {high}]",
                     }
                 )
-        return decision.model_copy(update={"lr": lr, "steps": steps}), clamps
+        return Recovery(lr=lr, steps=steps), clamps
 
 
 def recover(model, batches, lr: float, steps: int, seed: int, weight_decay: float = 0.05) -> dict:

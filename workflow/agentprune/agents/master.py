@@ -1,17 +1,20 @@
-"""The master agent: chooses the next trial's strategy from the target, the profile, the safety
-bounds and the history of trials, or decides to stop."""
+"""The master agent: chooses the next trial (pruning strategy and recovery schedule) from the
+target, the profile, the profiling agent's risks, the safety bounds and the measured history of
+trials, or decides to stop."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from agentprune.agents.base import LLMAgent
-from agentprune.agents.schemas import Allocation, MasterDecision, Strategy
+from agentprune.agents.base import Answer, LLMAgent, compact
+from agentprune.agents.schemas import Allocation, MasterDecision, Recovery, Strategy
 
 
 def isomorphic_strategy(has_heads: bool, calibration_batches: int) -> Strategy:
-    """The Isomorphic-Pruning recipe as a strategy: the heuristic's first trial, so that the best
-    trial is never worse on the proxy than the strongest fixed baseline."""
+    """The Isomorphic-Pruning recipe as a strategy: the default policy's first trial, so that
+    the no-LLM loop's best trial is never worse on the proxy than the strongest fixed
+    baseline."""
     return Strategy(
         importance="taylor",
         grouping="isomorphic",
@@ -22,24 +25,27 @@ def isomorphic_strategy(has_heads: bool, calibration_batches: int) -> Strategy:
     )
 
 
+Effective = Callable[[MasterDecision], dict[str, Any]]
+"""A decision's trial as it would run: the pruner settings and the recovery after every clamp.
+Two decisions with the same effective trial give the same result (trials are deterministic)."""
+
+
 class MasterAgent(LLMAgent):
-    """Plans trials; the LLM picks the strategy and whether to continue."""
+    """Plans trials; the LLM picks the strategy, the recovery schedule and whether to go on."""
 
     name = "master"
     decision = MasterDecision
     role = (
-        "You are the master agent of a structured pruning system that removes a fixed fraction of "
-        "a model's MACs (target). Choose the next trial: importance (taylor, magnitude_l2, "
-        "magnitude_l1), grouping (isomorphic, global, uniform), heads (head ratio as a multiple "
-        "of the channel ratio, 0 keeps heads), allocation (null, or multiples for attention, mlp "
-        "and residual; lower protects), round_to (1, 2, 4, 8), calibration_batches (1 to 16). "
-        "Learn from the history's validation accuracy; action stop ends the search."
+        "You are the master agent of a pruning system that removes the target fraction of a "
+        "model's MACs. Each trial prunes with your strategy, fine-tunes briefly with your "
+        "recovery and measures val_top1 (%). Bounds cap every kind's pruning ratio. Propose an "
+        "untried trial likely to beat the best one in the history, or stop."
     )
 
-    def heuristic(self, state: dict[str, Any]) -> MasterDecision:
-        """A fixed sequence: the isomorphic recipe, then a protective allocation, then more
-        calibration; stop as soon as a trial fails to improve on the best."""
-        history = state["history"]
+    def heuristic(self, state: dict[str, Any], effective: Effective) -> MasterDecision:
+        """A fixed sequence: the isomorphic recipe, then a protective global allocation, then
+        the recipe with half the head ratio and twice the calibration; the first one not tried
+        yet, with the configured recovery; stop when all were tried."""
         has_heads = bool(state["profile"].get("attention_heads"))
         calib = int(state["calibration_batches"])
         base = isomorphic_strategy(has_heads, calib)
@@ -59,41 +65,105 @@ class MasterAgent(LLMAgent):
             ),
             base.model_copy(update={"heads": base.heads / 2, "calibration_batches": 2 * calib}),
         ]
-        done = len(history)
-        scored = [t["val_top1"] for t in history if t.get("val_top1") is not None]
-        stalled = len(scored) >= 2 and scored[-1] < max(scored[:-1]) + float(
-            state["min_improvement"]
+        recovery = Recovery(
+            lr=float(state["recovery"]["lr"]), steps=int(state["recovery"]["steps"])
         )
-        if done >= len(candidates) or stalled:
-            return MasterDecision(
-                action="stop",
-                strategy=candidates[min(done, len(candidates)) - 1],
-                rationale="the fixed sequence is spent or the last trial did not improve",
+        tried = [t["effective"] for t in state["history"]]
+        for number, strategy in enumerate(candidates, 1):
+            decision = MasterDecision(
+                action="continue",
+                strategy=strategy,
+                recovery=recovery,
+                rationale=f"default sequence, trial {number} of {len(candidates)}",
             )
+            if effective(decision) not in tried:
+                return decision
         return MasterDecision(
-            action="continue",
-            strategy=candidates[done],
-            rationale=f"heuristic trial {done + 1} of {len(candidates)}",
+            action="stop",
+            strategy=candidates[-1],
+            recovery=recovery,
+            rationale="the default sequence is spent",
         )
 
-    def run(self, llm, state: dict[str, Any], seed: int) -> tuple[MasterDecision, bool]:
-        """The next decision; ``state`` holds target, profile summary, protect, bounds and
-        history."""
-        # Kept short on purpose: prompt processing dominates a small local model's latency.
+    def payload(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What the LLM sees: target, profile, risks, bounds and the history of trials."""
         profile = state["profile"]
-        payload = {
+        return {
             "target": state["target"],
-            "heads": bool(profile.get("attention_heads")),
-            "loss_at_max_ratio": {k: max(v.values()) for k, v in profile["loss_increase"].items()},
+            "heads_per_layer": profile.get("attention_heads") or [],
+            "macs_share": profile.get("macs_share", {}),
+            "loss_increase_by_kind_and_ratio": profile["loss_increase"],
+            "risks": state["risks"],
             "protect": state["protect"],
             "bounds": state["bounds"],
-            "history": [
-                {
-                    "strategy": t["strategy"],
-                    **({"val_top1": t["val_top1"]} if "val_top1" in t else {"error": True}),
-                }
-                for t in state["history"]
-            ],
+            "base_val_top1": state["base_val_top1"],
+            "history": [_history_entry(t) for t in state["history"]],
             "trials_left": state["trials_left"],
         }
-        return self.ask(llm, payload, lambda: self.heuristic(state), seed)
+
+    @staticmethod
+    def limits(state: dict[str, Any]) -> dict[str, Any]:
+        """The run's limits quoted in the reply's field descriptions."""
+        recovery = state["recovery"]
+        return {
+            "lr_min": recovery["lr_min"],
+            "lr_max": recovery["lr_max"],
+            "max_steps": recovery["max_steps"],
+            "max_calibration_batches": state["max_calibration_batches"],
+        }
+
+    def run(
+        self, llm, state: dict[str, Any], effective: Effective, seed: int, anchored: bool
+    ) -> Answer:
+        """The next decision. A trial that was already run (same effective settings) is re-asked
+        once with that feedback; a second repeat is answered by the default policy (reason
+        ``repeat``)."""
+        payload = self.payload(state)
+
+        def default() -> MasterDecision:
+            return self.heuristic(state, effective)
+
+        limits = self.limits(state)
+        answer = self.ask(llm, payload, default, seed, anchored, limits=limits)
+        if not answer.from_llm or not self._repeats(answer.decision, state, effective):
+            return answer
+        feedback = [
+            {"role": "assistant", "content": compact(answer.decision.model_dump())},
+            {
+                "role": "user",
+                "content": "That strategy and recovery were already tried (see history): trials "
+                "are deterministic, so it would give the same result. Reply with a different "
+                "trial, or with action stop.",
+            },
+        ]
+        again = self.ask(llm, payload, default, seed, anchored, feedback, limits)
+        if again.from_llm and self._repeats(again.decision, state, effective):
+            return Answer(again.default, again.default, "default", "repeat")
+        return again
+
+    @staticmethod
+    def _repeats(decision: MasterDecision, state: dict[str, Any], effective: Effective) -> bool:
+        """Whether ``decision`` asks for a trial already run (a stop repeats nothing)."""
+        if decision.action == "stop" and state["history"]:
+            return False
+        return effective(decision) in [t["effective"] for t in state["history"]]
+
+
+def _history_entry(trial: dict[str, Any]) -> dict[str, Any]:
+    """One trial as the master sees it: what was run and what it measured."""
+    entry = {
+        "trial": trial["trial"],
+        "strategy": trial["strategy"],
+        "recovery": trial["recovery_requested"],
+    }
+    if "val_top1" in trial:
+        entry.update(
+            achieved=trial["achieved"],
+            val_top1=trial["val_top1"],
+            val_loss=trial["val_loss"],
+            params=trial["params"],
+            **trial.get("assessment", {}),
+        )
+    else:
+        entry["error"] = trial.get("error", "failed")
+    return entry

@@ -1,12 +1,20 @@
-"""The ``multi_agent`` method: six LLM agents plan the structured pruning; the spine's search
-carries the plan out."""
+"""The agent-planned methods: ``multi_agent`` (six agents, two of which ask an LLM, plan the
+structured pruning by measured trials) and ``agents_heuristic``, the same loop with the default
+policies answering every decision: its no-LLM ablation. Both have the same trial budget, bounds
+and selection on validation accuracy, so the difference between them is what the LLM adds."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
-from agentprune.pruning.methods import StructuredRecipe, register
+from agentprune.pruning.methods import (
+    StructuredRecipe,
+    register,
+    search_arguments,
+    search_section,
+    structured_target,
+)
 
 
 @register
@@ -19,7 +27,11 @@ class MultiAgent(StructuredRecipe):
     runs_trials = True
     needs_profile = True
     config_section = "agents"
+    ablation: ClassVar[str | None] = "agents_heuristic"
+    needs_llm = True
     source = "agentprune multi-agent coordinator"
+    llm_backend: ClassVar[str | None] = None
+    """The backend this method forces (None: ``agents.backend``)."""
 
     def plan(self, target, profile, overrides, context):
         import torch
@@ -27,6 +39,7 @@ class MultiAgent(StructuredRecipe):
         from agentprune import data, models, train
         from agentprune.agents.analysis import run_bounds
         from agentprune.agents.coordinator import Coordinator, Workspace
+        from agentprune.agents.evaluation import measure
         from agentprune.agents.llm import LLM, LLMSettings
         from agentprune.config import agents_settings
 
@@ -39,6 +52,8 @@ class MultiAgent(StructuredRecipe):
             **agents_settings(config),
             "max_loss_increase": float(config["profile"]["max_loss_increase"]),
         }
+        if self.llm_backend is not None:
+            agents_cfg["backend"] = self.llm_backend
         prune_cfg = config["prune"]
         train.seed_everything(seed)
         base, desc = models.load(context["base_stem"])
@@ -59,16 +74,17 @@ class MultiAgent(StructuredRecipe):
             val=splits.val,
             eval_batch=int(config["evaluate"]["batch_size"]),
         )
+        base_val = measure(base, splits.val, workspace.eval_batch)["val_top1"]
         llm = LLM(
             LLMSettings.from_config(agents_cfg, str(agents_cfg["cache_dir"])),
             threads=int(context.get("threads") or 1),
         )
-        search = {
-            "tolerance": float(prune_cfg["tolerance"]),
-            "max_steps": int(prune_cfg["max_search_steps"]),
-        }
+        # The same target window (a GMACs target means GMACs) as the prune step will use.
+        target_doc = structured_target(float(target), context)
+        search = search_section(prune_cfg)
         try:
-            outcome = Coordinator(llm, agents_cfg, search).run(
+            arguments = search_arguments({"search": search, "target": target_doc})
+            outcome = Coordinator(llm, agents_cfg, arguments).run(
                 float(target),
                 profile,
                 bounds,
@@ -76,6 +92,7 @@ class MultiAgent(StructuredRecipe):
                 workspace,
                 seed,
                 int(prune_cfg["calibration_batches"]),
+                base_val,
             )
         finally:
             llm.close()
@@ -85,6 +102,7 @@ class MultiAgent(StructuredRecipe):
             planner="Coordinator",
             llm_model=llm.model,
             recipe_source=self.source,
+            allow_fallback=bool(agents_cfg["allow_fallback"]),
             planning_seconds=time.perf_counter() - start,
         )
         plan = {
@@ -93,13 +111,26 @@ class MultiAgent(StructuredRecipe):
             "dataset": context["dataset"],
             "model": context["model"],
             "seed": seed,
-            "target": {"metric": "macs_fraction_removed", "value": float(target)},
+            "target": target_doc,
             "search": search,
             **outcome,
             "provenance": provenance,
         }
         check_plan(plan, float(target))
         return plan
+
+
+@register
+class AgentsHeuristic(MultiAgent):
+    """The multi-agent loop with no LLM: every decision is the default policy's (the isomorphic
+    recipe first, then a protective allocation, then more calibration), with the same trials,
+    bounds and selection as ``multi_agent``. The ablation every LLM result is compared with."""
+
+    name = "agents_heuristic"
+    ablation = None
+    needs_llm = False
+    llm_backend = "heuristic"
+    source = "agentprune multi-agent coordinator, default policies only (no LLM)"
 
 
 def check_plan(plan: dict[str, Any], target: float) -> None:

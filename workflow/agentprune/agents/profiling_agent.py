@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentprune.agents.base import LLMAgent
+from agentprune.agents.base import Answer, LLMAgent, classify
 from agentprune.agents.schemas import ProfilingDecision
 
 
@@ -31,11 +31,9 @@ class ProfilingAgent(LLMAgent):
     name = "profiling"
     decision = ProfilingDecision
     role = (
-        "You are the profiling agent of a neural-network pruning system. You read the profile of "
-        "a model (MACs share per layer kind, the loss increase when pruning each group kind by "
-        "each ratio, and the safety bound of each kind) and name the risks of pruning it and the "
-        "group kinds to protect, most sensitive first. Kinds: heads, attention, mlp, conv, "
-        "residual."
+        "You are the profiling agent of a pruning system. From a model's profile (MACs share "
+        "per kind, loss increase when pruning one kind by each ratio, safety bounds) name the "
+        "risks of pruning it and the kinds to protect, most sensitive first."
     )
 
     def heuristic(self, summary: dict[str, Any], max_loss_increase: float) -> ProfilingDecision:
@@ -51,14 +49,19 @@ class ProfilingAgent(LLMAgent):
         risks = [f"{k}: loss +{worst[k]:.2f} at the largest ratio measured" for k in sensitive]
         return ProfilingDecision(risks=risks[:3], protect=sensitive[:5])
 
-    def run(self, llm, profile: dict[str, Any], max_loss_increase: float, seed: int):
-        """The profiling decision and the summary the other agents reuse."""
+    def run(
+        self, llm, profile: dict[str, Any], max_loss_increase: float, seed: int, anchored: bool
+    ) -> tuple[Answer, dict[str, Any]]:
+        """The profiling decision (with its source) and the summary the other agents reuse."""
         summary = summarize(profile)
         payload = {k: v for k, v in summary.items() if k not in ("macs", "params")}
-        decision, _ = self.ask(
-            llm, payload, lambda: self.heuristic(summary, max_loss_increase), seed
+        answer = self.ask(
+            llm, payload, lambda: self.heuristic(summary, max_loss_increase), seed, anchored
         )
         known = set(summary["loss_increase"])
         # Kinds this model does not have are dropped: protecting them would mean nothing.
-        protect = [k for k in dict.fromkeys(decision.protect) if k in known]
-        return decision.model_copy(update={"protect": protect}), summary
+        protect = [k for k in dict.fromkeys(answer.decision.protect) if k in known]
+        decision = answer.decision.model_copy(update={"protect": protect})
+        return classify(
+            decision if answer.from_llm else None, answer.default, answer.reason
+        ), summary

@@ -61,14 +61,7 @@ class PruningAgent:
                 exceeds its bound by more than one channel.
         """
         model, report = structured.prune_to_target(
-            base,
-            settings,
-            target,
-            example_inputs,
-            calibration,
-            seed,
-            tolerance=float(search["tolerance"]),
-            max_steps=int(search["max_steps"]),
+            base, settings, target, example_inputs, calibration, seed, **search
         )
         realized = realized_ratios(base, model, list(caps))
         for kind, ratio in realized.items():
