@@ -14,11 +14,14 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
-from agentprune.config import ConfigError, apply_environment, check_config, SCHEMA_PATH
+from agentprune.config import SCHEMA_PATH, ConfigError
+from agentprune.resolve import prepare
 
 try:
-    apply_environment(config)  # e.g. an ImageNet dataset.root left null: $AGENTPRUNE_IMAGENET
-    check_config(config)
+    # Checked against the schema and the registered methods, the environment's values filled in
+    # (an ImageNet dataset.root left null: $AGENTPRUNE_IMAGENET) and every schema default filled
+    # in, once: every rule's params are built from this config.
+    prepare(config)
 except ConfigError as err:
     # One line, before any job is scheduled: the message names the offending key.
     print(err, file=sys.stderr)
@@ -40,10 +43,11 @@ include: "rules/paper.smk"
 
 
 rule all:
-    input:
-        report_outputs(),
     default_target: True
+    input:
+        rules.paper.output,
+        report_pages(),
 
 
 onsuccess:
-    render_report(config)
+    render_report(config, list(rules.paper.output) + report_pages())

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from agentprune import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,12 +49,11 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     args = parser.parse_args()
     configfiles = [str(Path(c).resolve()) for c in args.configfile]
-    config: dict = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    for path in configfiles:
-        config.update(yaml.safe_load(Path(path).read_text()) or {})
-    dataset = config["dataset"]["name"]
+    # The config the workflow sees: the files merged as Snakemake merges them, checked, defaults in.
+    config = resolve.load_config(ROOT / "config" / "config.yaml", *configfiles)
+    results, dataset = config["results"], config["dataset"]["name"]
     models = [m["name"] for m in config["models"]]
-    targets = [f"results/{dataset}/{m}/profile.json" for m in models]
+    targets = [f"{results}/{dataset}/{m}/profile.json" for m in models]
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         cache.mkdir()
@@ -62,7 +61,7 @@ def main() -> None:
         warm = run(Path(tmp) / "second", targets, configfiles, args.cores, cache)
         trained = {
             m: json.loads(
-                (Path(tmp) / "first" / f"results/{dataset}/{m}/base/metrics.json").read_text()
+                (Path(tmp) / "first" / f"{results}/{dataset}/{m}/base/metrics.json").read_text()
             ).get("seconds", float("nan"))
             for m in models
         }

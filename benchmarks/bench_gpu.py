@@ -4,12 +4,14 @@ fine-tune, on synthetic ImageNet-sized data.
 Usage (the defaults are the published setting: 50 calibration batches x 64 images at 224 px):
     python benchmarks/bench_gpu.py [--model deit_base_distilled_patch16_224] [--target-gmacs 4.16]
         [--calibration-batches 50] [--batch-size 64] [--finetune-steps 50] [--amp bf16]
+        [--threads 1]
 
 It runs wherever it is started: on a GPU the Taylor calibration passes and the fine-tune run on
 CUDA (the graph surgery of Torch-Pruning stays on the CPU, as in the pipeline), on a CPU-only
 machine everything runs on the CPU (use small settings there, e.g. --model deit_tiny_patch16_224
 --target-gmacs 0.6 --calibration-batches 2 --batch-size 8 --finetune-steps 2). It prints one
-line per figure and asserts nothing about time.
+line per figure and asserts nothing about time. ``--threads`` sets torch's CPU threads (default 1,
+as on a shared machine; give a GPU node's job its own core count).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from agentprune import models
-from agentprune.config import with_defaults
-from agentprune.pruning import methods, structured
+from agentprune import models, resolve, steps
+from agentprune.pruning import catalog, structured
 
 
 def synchronize() -> None:
@@ -45,6 +49,25 @@ def synthetic_batches(
     ]
 
 
+def plan_taylor(timm_name: str, ratio: float, calibration_batches: int) -> dict[str, Any]:
+    """The taylor plan of one model at ``ratio`` as the workflow's plan step makes it: a study
+    config (schema defaults, the synthetic data set) -> ``resolve.plan_step`` -> ``steps.plan``."""
+    config = resolve.prepare(
+        {
+            "dataset": {"name": "synthetic"},
+            "models": [{"name": timm_name, "timm": timm_name, "pretrained": False}],
+            "methods": ["taylor"],
+            "paper": {"reference_method": "taylor"},
+            "prune": {"calibration_batches": calibration_batches},
+        }
+    )
+    step = resolve.plan_step(config, "taylor", timm_name, ratio)
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = Path(tmp) / "profile.json"
+        profile.write_text("{}")  # the fixed recipes read no profile
+        return steps.plan(step, 0, profile, Path(tmp) / "plan.json")
+
+
 def prune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Create the model and prune it with the taylor recipe to the GMACs target; print timings."""
     start = time.perf_counter()
@@ -58,15 +81,11 @@ def prune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         raise SystemExit(
             f"--target-gmacs {args.target_gmacs} must be below {base_macs / 1e9:.3f} GMACs"
         )
-    config = with_defaults({})
-    strategy = methods.get("taylor")
-    context = {"dataset": "synthetic", "model": args.model, "seed": 0, "config": config}
-    overrides = {"calibration_batches": args.calibration_batches}
-    plan = strategy.plan(ratio, {}, overrides, context)
+    plan = plan_taylor(args.model, ratio, args.calibration_batches)
     calibration = synthetic_batches(args.calibration_batches, args.batch_size, size, 1000, 0)
     synchronize()
     start = time.perf_counter()
-    pruned, report = strategy.prune(model, plan, example, calibration, 0, config["prune"])
+    pruned, report = catalog.get("taylor").prune(model, plan, example, calibration, 0)
     synchronize()
     total = time.perf_counter() - start
     print(
@@ -125,7 +144,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--finetune-steps", type=int, default=50)
     parser.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"torch {torch.__version__}, GPU: {gpu}, CPU: {platform.processor() or 'unknown'}")
     print(f"CPU threads: {torch.get_num_threads()}")

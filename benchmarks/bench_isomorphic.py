@@ -6,9 +6,11 @@ Usage:
         [--modes as_published macs_targeted] [--seeds 0] [--calibration-batches 1]
         [--batch-size 4]
 
-Each row goes through the method's own plan and prune (``agentprune.pruning.methods.Isomorphic``
-with the ``method_settings.isomorphic.published`` rows of config/paper.yaml), as the workflow and
-``agentprune prune --method isomorphic --target-gmacs G`` do. ``as_published`` prunes once at the
+Each row goes the workflow's road: config/paper.yaml loaded over config/config.yaml (on the
+synthetic data set, so no ImageNet is needed), ``resolve.plan_step`` for the row's model and
+``{ratio}`` (which recovers its GMACs target and the ``method_settings.isomorphic.published``
+rows), ``steps.plan``, then the method's own prune, as ``agentprune prune --method isomorphic
+--target-gmacs G`` does. ``as_published`` prunes once at the
 script's ratios; ``macs_targeted`` searches the knob that scales them into +/-0.5 % of the
 published GMACs. The Taylor scores come from seeded synthetic batches (``--seeds`` gives several
 calibration draws: rows whose structure depends on the importance values move with them). It
@@ -20,16 +22,19 @@ nothing. One thread, as on the shared CI machine.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from agentprune import data, models
-from agentprune.pruning import methods
+from agentprune import data, models, resolve, steps
+from agentprune.pruning import catalog
+from agentprune.settings import fmt_ratio, target_ratio
 
-PAPER = Path(__file__).resolve().parents[1] / "config" / "paper.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config" / "config.yaml"
+PAPER = ROOT / "config" / "paper.yaml"
 IMG_SIZE = 224
 NUM_CLASSES = 1000
 MODES = ("as_published", "macs_targeted")
@@ -61,34 +66,36 @@ def calibration(n: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch
     ]
 
 
+def study_config(mode: str, calibration_batches: int) -> dict[str, Any]:
+    """config/paper.yaml over config/config.yaml, prepared, on the synthetic data set (no
+    ImageNet), with the isomorphic ``mode`` and ``prune.calibration_batches`` set."""
+    overrides = {
+        "dataset": {"name": "synthetic"},
+        "prune": {"calibration_batches": calibration_batches},
+        "method_settings": {"isomorphic": {"mode": mode}},
+    }
+    return resolve.load_config(CONFIG, PAPER, overrides=overrides)
+
+
+def plan_row(config: dict[str, Any], ref: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The plan step of one published row, as the workflow runs it: the ``{ratio}`` wildcard of
+    the row's GMACs target -> ``resolve.plan_step`` -> ``steps.plan``; the plan."""
+    entry = resolve.model_entry(config, ref["model"])
+    ratio = float(fmt_ratio(target_ratio(ref["macs_g"], entry["base_gmacs"])))
+    step = resolve.plan_step(config, "isomorphic", ref["model"], ratio)
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = Path(tmp) / "profile.json"
+        profile.write_text("{}")  # the fixed recipes read no profile
+        return steps.plan(step, seed, profile, Path(tmp) / "plan.json")
+
+
 def prune_row(
-    base: torch.nn.Module,
-    entry: dict[str, Any],
-    gmacs: float,
-    mode: str,
-    settings: dict[str, Any],
-    args: argparse.Namespace,
-    seed: int,
+    base: torch.nn.Module, plan: dict[str, Any], args: argparse.Namespace, seed: int
 ) -> dict[str, Any]:
-    """Plan and prune one published row with the isomorphic method; the prune report."""
-    strategy = methods.get("isomorphic")
-    prune_cfg = {
-        "tolerance": 0.005,
-        "gmacs_tolerance": 0.005,
-        "max_search_steps": 30,
-        "calibration_batches": args.calibration_batches,
-    }
-    context = {
-        "dataset": "synthetic",
-        "model": entry["name"],
-        "seed": seed,
-        "target_gmacs": gmacs,
-        "config": {"prune": prune_cfg, "models": [entry]},
-    }
-    plan = strategy.plan(0.5, {}, {**settings, "mode": mode}, context)
+    """Prune one planned row with the isomorphic method; the prune report."""
     batches = calibration(args.calibration_batches, args.batch_size, seed)
     example = data.example_inputs(IMG_SIZE)
-    _, report = strategy.prune(base, plan, example, batches, seed, prune_cfg)
+    _, report = catalog.get("isomorphic").prune(base, plan, example, batches, seed)
     return report
 
 
@@ -108,22 +115,22 @@ def line(ref: dict[str, Any], mode: str, seed: int, report: dict[str, Any], setu
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    paper = yaml.safe_load(PAPER.read_text(encoding="utf-8"))
-    settings = paper["method_settings"]["isomorphic"]
-    entries = {m["name"]: m for m in paper["models"]}
+    configs = {mode: study_config(mode, args.calibration_batches) for mode in args.modes}
+    any_config = next(iter(configs.values()))
     print(HEADER)
     print("|" + "---|" * HEADER.count(" |"))
-    for ref in paper["paper"]["references"]:
+    for ref in any_config["paper"]["references"]:
         if args.models and ref["model"] not in args.models:
             continue
-        entry = entries[ref["model"]]
+        entry = resolve.model_entry(any_config, ref["model"])
         start = time.perf_counter()
         torch.manual_seed(0)
         base = models.create(entry["timm"], NUM_CLASSES, {})
         setup = time.perf_counter() - start
-        for mode in args.modes:
+        for mode, config in configs.items():
             for seed in args.seeds:
-                report = prune_row(base, entry, ref["macs_g"], mode, settings, args, seed)
+                plan = plan_row(config, ref, seed)
+                report = prune_row(base, plan, args, seed)
                 print(line(ref, mode, seed, report, setup), flush=True)
 
 

@@ -1,29 +1,31 @@
-# Config access, wildcard constraints, target lists and path helpers shared by every rule file.
+# Paths, wildcard constraints, target lists and every rule's params: the only Snakemake file with
+# functions. A rule's params are the plain form of its step's typed settings, built by one
+# function of agentprune.resolve (the same the CLI calls), so Snakemake's params trigger reruns
+# exactly the jobs whose settings changed.
 
 import json
 import os
 import subprocess
 import tempfile
 
+from agentprune import resolve
+from agentprune.pruning import catalog
+from agentprune.settings import plain
 
 RESULTS = config["results"]
 DATASET = config["dataset"]["name"]
 MODELS = [entry["name"] for entry in config["models"]]
 
-
-from agentprune.config import finetune_settings, fmt_ratio, structured_ratios
-
-# fmt_ratio: the {ratio} wildcard's spelling of a ratio (0.3 -> '0.3', 0.76471 -> '0.7647').
-SPARSITIES = [fmt_ratio(r) for r in config["sparsities"]]
-
-BASE = RESULTS + "/{dataset}/{model}/base"
-RUN = RESULTS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}"
-LOGS = RESULTS + "/logs"
-BENCH = RESULTS + "/benchmarks"
-BENCH_RUN = BENCH + "/{dataset}/{model}/{method}/r{ratio}/s{seed}"
-STATS = RESULTS + "/stats"
-PAPER = RESULTS + "/paper"
-REPORT = RESULTS + "/report.html"
+BASE = f"{RESULTS}/{{dataset}}/{{model}}/base"
+RUN = f"{RESULTS}/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/s{{seed}}"
+LOGS = f"{RESULTS}/logs"
+RUN_LOGS = f"{LOGS}/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/s{{seed}}"
+BENCH_RUN = (
+    f"{RESULTS}/benchmarks/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/s{{seed}}"
+)
+STATS = f"{RESULTS}/stats"
+PAPER = f"{RESULTS}/paper"
+REPORT = f"{RESULTS}/report.html"
 
 
 # Run on the submitting node under a cluster executor: the downloads (data set, pretrained weights)
@@ -48,60 +50,105 @@ wildcard_constraints:
     seed=r"[0-9]+",
 
 
-# Keys of a config.models entry that belong to the study (what the pruned models are fine-tuned and
-# targeted with), not to the base model: left out of the base-model rules' params, so that changing
-# them reruns no download, training or profile and keeps the between-workflow cache key.
-STUDY_KEYS = ("targets_gmacs", "base_gmacs", "finetune")
+# --- params: each rule's typed settings, in plain form ----------------------------------------
 
 
-def model_entry(name):
-    """The config.models entry for a {model} wildcard, without its STUDY_KEYS."""
-    for entry in config["models"]:
-        if entry["name"] == name:
-            return {key: value for key, value in entry.items() if key not in STUDY_KEYS}
-    raise ValueError(f"model {name!r} is not in config.models")
+def data_params():
+    """The data set (download_data)."""
+    return plain(resolve.data(config))
 
 
-def method_info(name):
-    """The registered method called name (its family, sections and flags come from the registry,
-    so no rule branches on a method's name)."""
-    from agentprune.pruning import methods
+def weights_params(wildcards):
+    """What download_weights fetches and checks for a model."""
+    return plain(resolve.weights(config, wildcards.model))
 
-    return methods.get(name)
+
+def base_model_params(wildcards):
+    """A base model's step: its entry, the data set, its training recipe."""
+    return plain(resolve.base_model_step(config, wildcards.model))
+
+
+def profile_params():
+    """The profile step."""
+    return plain(resolve.profile_step(config))
+
+
+def plan_params(wildcards):
+    """One (method, model, ratio)'s plan step: the method's own settings included."""
+    return plain(
+        resolve.plan_step(
+            config, wildcards.method, wildcards.model, float(wildcards.ratio)
+        )
+    )
+
+
+def prune_params():
+    """The prune step."""
+    return plain(resolve.prune_step(config))
+
+
+def finetune_params(wildcards):
+    """A model's fine-tuning step (its effective recipe)."""
+    return plain(resolve.finetune_step(config, wildcards.model))
+
+
+def evaluate_params(wildcards):
+    """A model's evaluate step."""
+    return plain(resolve.evaluate_step(config, wildcards.model))
+
+
+def stats_params():
+    """The stats step."""
+    return plain(resolve.stats_settings(config))
+
+
+def paper_params():
+    """The paper step."""
+    return plain(resolve.paper_settings(config))
+
+
+# --- the paper's outputs -----------------------------------------------------------------------
+
+TABLE_SUFFIX = {"markdown": "md", "latex": "tex", "html": "html"}
+
+
+def paper_table(name, fmt):
+    """One table file of the paper, registered in the report (category Tables)."""
+    return report(
+        f"{PAPER}/tables/{name}.{TABLE_SUFFIX[fmt]}",
+        caption=f"../workflow/report/table_{name}.rst",
+        category="Tables",
+        labels={"table": name, "format": fmt},
+    )
+
+
+def paper_figure(name, label):
+    """One figure of the paper, registered in the report (category Figures)."""
+    return report(
+        f"{PAPER}/figures/{name}.png",
+        caption=f"../workflow/report/fig_{name}.rst",
+        category="Figures",
+        labels={"figure": label},
+    )
+
+
+# --- inputs and targets ------------------------------------------------------------------------
+
+
+def weights_input(wildcards):
+    """A pretrained model reads the file download_weights fetched and verified; a model trained
+    from scratch needs nothing from the network."""
+    if resolve.weights(config, wildcards.model).is_pretrained:
+        return [
+            f"{RESULTS}/weights/{wildcards.model}.json",
+            f"{RESULTS}/weights/{wildcards.model}.weights",
+        ]
+    return []
 
 
 def trial_methods():
     """Registered methods whose planner runs trials (planned by rule plan_trials)."""
-    from agentprune.pruning import methods
-
-    return [name for name in methods.names() if methods.get(name).runs_trials]
-
-
-def ablation_pairs():
-    """Method -> its registered ablation, for the methods of the study whose ablation is in the
-    study too (the results table pairs them)."""
-    return {
-        name: method_info(name).ablation
-        for name in config["methods"]
-        if method_info(name).ablation in config["methods"]
-    }
-
-
-def model_ratios(model):
-    """The structured {ratio} values of a model: from its targets_gmacs, else the global ratios."""
-    return [fmt_ratio(r) for r in structured_ratios(config, model)]
-
-
-def method_ratios(name, model):
-    """The {ratio} values of a method on a model: MACs fractions removed for structured methods
-    (per model), sparsities otherwise."""
-    return model_ratios(model) if method_info(name).family == "structured" else SPARSITIES
-
-
-def method_section(name):
-    """The config section a method's planner reads ({} for none): a params trigger."""
-    section = method_info(name).config_section
-    return config.get(section, {}) if section else {}
+    return [name for name in catalog.names() if catalog.get(name).runs_trials]
 
 
 def runs(filename, methods=None, root=RUN):
@@ -112,11 +159,11 @@ def runs(filename, methods=None, root=RUN):
         for method in (config["methods"] if methods is None else methods)
         for model in MODELS
         for path in expand(
-            root + "/" + filename,
+            f"{root}/{filename}",
             dataset=DATASET,
             model=model,
             method=method,
-            ratio=method_ratios(method, model),
+            ratio=resolve.method_ratios(config, method, model),
             seed=config["seeds"],
         )
     ]
@@ -138,64 +185,45 @@ def run_benchmarks():
     return [path for step in STEPS for path in runs(f"{step}.tsv", root=BENCH_RUN)]
 
 
-def run_cards():
-    """The HTML card of every run (category Runs of the report)."""
-    return runs("run.html")
+def report_pages():
+    """The report's per-run pages: every run's card (category Runs) and every agent-planned run's
+    transcript (category Agents)."""
+    agents = [m for m in config["methods"] if catalog.get(m).uses_agents]
+    return runs("run.html") + runs("transcript.html", agents)
 
 
-def transcripts():
-    """The HTML transcript of every agent-planned run (category Agents of the report)."""
-    return runs("transcript.html", [m for m in config["methods"] if method_info(m).uses_agents])
-
-
-def paper_outputs():
-    """The final rule's outputs (tables and figures)."""
-    return [
-        PAPER + "/tables/results.md",
-        PAPER + "/tables/results.tex",
-        PAPER + "/tables/results.html",
-        PAPER + "/tables/comparisons.md",
-        PAPER + "/tables/comparisons.html",
-        PAPER + "/tables/unstructured.md",
-        PAPER + "/tables/unstructured.tex",
-        PAPER + "/tables/unstructured.html",
-        PAPER + "/figures/accuracy_vs_macs.png",
-        PAPER + "/figures/accuracy_vs_sparsity.png",
-        PAPER + "/figures/method_comparison.png",
-        PAPER + "/figures/time_per_step.png",
-        PAPER + "/figures/time_memory_per_step.png",
-    ]
-
-
-def report_outputs():
-    """Everything the HTML report shows: tables, figures, agent transcripts and run cards."""
-    return paper_outputs() + transcripts() + run_cards()
-
-
-def render_report(cfg):
-    """Write REPORT with `snakemake --report` after a successful run, when its inputs are newer.
+def render_report(cfg, outputs):
+    """Write REPORT with `snakemake --report` after a successful run, when ``outputs`` (what the
+    report shows) are newer.
 
     Runs in the onsuccess handler so that the main command leaves a self-contained report behind. The
     merged config is passed as a file so that --configfile/--config overrides carry over.
     """
     if os.environ.get("AGENTPRUNE_IN_REPORT"):
         return
-    outputs = [Path(p) for p in report_outputs()]
-    if not all(p.exists() for p in outputs):
+    paths = [Path(p) for p in outputs]
+    if not all(p.exists() for p in paths):
         return
     report_path = Path(REPORT)
-    newest = max(p.stat().st_mtime for p in outputs)
+    newest = max(p.stat().st_mtime for p in paths)
     if report_path.exists() and report_path.stat().st_mtime >= newest:
         return
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(cfg, fh)
     cmd = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(workflow.main_snakefile),
-        "--directory", os.getcwd(),
-        "--configfile", fh.name,
-        "--report", str(report_path),
-        "--quiet", "all",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(workflow.main_snakefile),
+        "--directory",
+        os.getcwd(),
+        "--configfile",
+        fh.name,
+        "--report",
+        str(report_path),
+        "--quiet",
+        "all",
     ]
     print(f"agentprune: writing {report_path}", file=sys.stderr)
     try:

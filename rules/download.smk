@@ -5,68 +5,57 @@
 # so a missing data set or weights file fails the study first.
 
 
-def is_pretrained(name):
-    """Whether config.models entry `name` starts from pretrained weights (hub or file)."""
-    entry = model_entry(name)
-    return bool(entry.get("pretrained") or entry.get("pretrained_file"))
-
-
 rule download_data:
     output:
-        RESULTS + "/{dataset}/dataset.json",
-    params:
-        dataset=config["dataset"],
+        f"{RESULTS}/{{dataset}}/dataset.json",
     log:
-        LOGS + "/{dataset}/download_data.log",
+        f"{LOGS}/{{dataset}}/download_data.log",
     conda:
         "../envs/torch.yaml"
+    params:
+        data=data_params(),
     script:
         "../scripts/download_data.py"
 
 
-# The keys of a models entry that decide which weights file is fetched and how it is checked (a
-# params trigger: a changed `train` or `overrides` retrains the base model but re-fetches nothing).
-WEIGHTS_KEYS = ("timm", "pretrained", "pretrained_file", "weights_cache", "sha256")
-
-
 rule download_weights:
     output:
-        RESULTS + "/weights/{model}.json",
-    params:
-        weights=lambda wc: {key: model_entry(wc.model).get(key) for key in WEIGHTS_KEYS},
+        manifest=f"{RESULTS}/weights/{{model}}.json",
+        # A link to the verified file: download_model reads it, and the cluster profile sizes
+        # download_model's memory, time and threads from its size.
+        weights=f"{RESULTS}/weights/{{model}}.weights",
     log:
-        LOGS + "/weights/{model}.log",
+        f"{LOGS}/weights/{{model}}.log",
     conda:
         "../envs/torch.yaml"
+    params:
+        # Which weights file is fetched and how it is checked: a changed `train` or `overrides`
+        # retrains the base model but re-fetches nothing.
+        weights=weights_params,
     script:
         "../scripts/download_weights.py"
 
 
 rule download_model:
     input:
-        dataset=RESULTS + "/{dataset}/dataset.json",
-        # Pretrained models read the file that download_weights fetched and verified; models
-        # trained from scratch need nothing from the network.
-        weights=lambda wc: (
-            [RESULTS + f"/weights/{wc.model}.json"] if is_pretrained(wc.model) else []
-        ),
+        dataset=f"{RESULTS}/{{dataset}}/dataset.json",
+        weights=weights_input,
     output:
-        weights=BASE + "/model.safetensors",
-        structure=BASE + "/model.json",
-        metrics=BASE + "/metrics.json",
-    params:
-        model=lambda wc: model_entry(wc.model),
-        training=config["base_training"],
+        weights=f"{BASE}/model.safetensors",
+        structure=f"{BASE}/model.json",
+        metrics=f"{BASE}/metrics.json",
     log:
-        LOGS + "/{dataset}/{model}/download_model.log",
+        f"{LOGS}/{{dataset}}/{{model}}/download_model.log",
     # Between-workflow cache (`snakemake --cache` with $SNAKEMAKE_OUTPUT_CACHE): the base model is
-    # keyed by this script, the model entry, the training settings and the data set's provenance, so
-    # another study on the same model reuses it instead of downloading or training it again.
-    # Snakemake refuses `benchmark:` on a cached rule (a cache hit has nothing to measure); the
-    # training time is in base/metrics.json.
+    # keyed by this script, its params (the model entry, the training settings, the data set) and
+    # the data set's provenance, so another study on the same model reuses it instead of training
+    # it again. Snakemake refuses `benchmark:` on a cached rule (a cache hit has nothing to
+    # measure); the training time is in base/metrics.json.
     cache: True
-    threads: 1
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    params:
+        step=base_model_params,
     script:
         "../scripts/download_model.py"

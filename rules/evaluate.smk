@@ -3,43 +3,48 @@
 
 rule evaluate:
     input:
-        plan=RUN + "/plan.json",
-        base_metrics=BASE + "/metrics.json",
-        prune_report=RUN + "/prune_report.json",
-        finetune_report=RUN + "/finetune_report.json",
-        pruned=RUN + "/pruned.safetensors",
-        pruned_structure=RUN + "/pruned.json",
-        finetuned=RUN + "/finetuned.safetensors",
-        finetuned_structure=RUN + "/finetuned.json",
+        plan=f"{RUN}/plan.json",
+        base_metrics=f"{BASE}/metrics.json",
+        prune_report=f"{RUN}/prune_report.json",
+        finetune_report=f"{RUN}/finetune_report.json",
+        pruned=f"{RUN}/pruned.safetensors",
+        pruned_structure=f"{RUN}/pruned.json",
+        finetuned=f"{RUN}/finetuned.safetensors",
+        finetuned_structure=f"{RUN}/finetuned.json",
     output:
-        RUN + "/metrics.json",
-    params:
-        evaluate=config["evaluate"],
+        f"{RUN}/metrics.json",
     log:
-        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/evaluate.log",
+        f"{RUN_LOGS}/evaluate.log",
     benchmark:
-        BENCH_RUN + "/evaluate.tsv"
-    threads: 1
+        f"{BENCH_RUN}/evaluate.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    params:
+        step=evaluate_params,
     script:
         "../scripts/evaluate.py"
 
 
 rule run_card:
     input:
-        metrics=RUN + "/metrics.json",
-        plan=RUN + "/plan.json",
+        metrics=f"{RUN}/metrics.json",
+        plan=f"{RUN}/plan.json",
     output:
         report(
-            RUN + "/run.html",
+            f"{RUN}/run.html",
             caption="../workflow/report/run_card.rst",
             category="Runs",
             subcategory="{model}",
-            labels={"model": "{model}", "method": "{method}", "ratio": "{ratio}", "seed": "{seed}"},
+            labels={
+                "model": "{model}",
+                "method": "{method}",
+                "ratio": "{ratio}",
+                "seed": "{seed}",
+            },
         ),
     log:
-        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/run_card.log",
+        f"{RUN_LOGS}/run_card.log",
     conda:
         "../envs/report.yaml"
     script:

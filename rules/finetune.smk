@@ -3,25 +3,25 @@
 
 rule finetune:
     input:
-        plan=RUN + "/plan.json",
-        weights=RUN + "/pruned.safetensors",
-        structure=RUN + "/pruned.json",
-        base_weights=BASE + "/model.safetensors",
-        base_structure=BASE + "/model.json",
+        plan=f"{RUN}/plan.json",
+        weights=f"{RUN}/pruned.safetensors",
+        structure=f"{RUN}/pruned.json",
+        base_weights=f"{BASE}/model.safetensors",
+        base_structure=f"{BASE}/model.json",
     output:
-        weights=RUN + "/finetuned.safetensors",
-        structure=RUN + "/finetuned.json",
-        report=RUN + "/finetune_report.json",
-    params:
-        # The model's effective settings (finetune + models[].finetune, epochs * epochs_scale):
-        # a change reruns only that model's fine-tuning chain.
-        finetune=lambda wc: finetune_settings(config, wc.model),
+        weights=f"{RUN}/finetuned.safetensors",
+        structure=f"{RUN}/finetuned.json",
+        report=f"{RUN}/finetune_report.json",
     log:
-        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/finetune.log",
+        f"{RUN_LOGS}/finetune.log",
     benchmark:
-        BENCH_RUN + "/finetune.tsv"
-    threads: 1
+        f"{BENCH_RUN}/finetune.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    params:
+        # The model's effective recipe (finetune + models[].finetune, epochs * epochs_scale): a
+        # change reruns only that model's fine-tuning chain.
+        step=finetune_params,
     script:
         "../scripts/finetune.py"

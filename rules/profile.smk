@@ -3,19 +3,19 @@
 
 rule profile:
     input:
-        weights=BASE + "/model.safetensors",
-        structure=BASE + "/model.json",
+        weights=f"{BASE}/model.safetensors",
+        structure=f"{BASE}/model.json",
     output:
-        RESULTS + "/{dataset}/{model}/profile.json",
-    params:
-        profile=config["profile"],
+        f"{RESULTS}/{{dataset}}/{{model}}/profile.json",
     log:
-        LOGS + "/{dataset}/{model}/profile.log",
+        f"{LOGS}/{{dataset}}/{{model}}/profile.log",
     # Shared between workflows like the base model it is computed from (see download_model, also
     # for why there is no benchmark: here).
     cache: True
-    threads: 1
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    params:
+        step=profile_params(),
     script:
         "../scripts/profile.py"

@@ -9,23 +9,22 @@
 
 rule plan:
     input:
-        profile=RESULTS + "/{dataset}/{model}/profile.json",
+        profile=f"{RESULTS}/{{dataset}}/{{model}}/profile.json",
         # Read only by planners that run trials (the agents); the recipes ignore it.
-        weights=BASE + "/model.safetensors",
-        structure=BASE + "/model.json",
+        weights=f"{BASE}/model.safetensors",
+        structure=f"{BASE}/model.json",
     output:
-        RUN + "/plan.json",
-    params:
-        settings=lambda wc: config["method_settings"].get(wc.method, {}),
-        prune=config["prune"],
-        section=lambda wc: method_section(wc.method),
+        f"{RUN}/plan.json",
     log:
-        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/plan.log",
+        f"{RUN_LOGS}/plan.log",
     benchmark:
-        BENCH_RUN + "/plan.tsv"
-    threads: 1
+        f"{BENCH_RUN}/plan.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    params:
+        # The method's own settings (only the config it reads) and the run's identity.
+        step=plan_params,
     script:
         "../scripts/plan.py"
 
@@ -43,37 +42,44 @@ ruleorder: plan_trials > plan
 
 rule prune:
     input:
-        plan=RUN + "/plan.json",
-        weights=BASE + "/model.safetensors",
-        structure=BASE + "/model.json",
+        plan=f"{RUN}/plan.json",
+        weights=f"{BASE}/model.safetensors",
+        structure=f"{BASE}/model.json",
     output:
-        weights=RUN + "/pruned.safetensors",
-        structure=RUN + "/pruned.json",
-        report=RUN + "/prune_report.json",
+        weights=f"{RUN}/pruned.safetensors",
+        structure=f"{RUN}/pruned.json",
+        report=f"{RUN}/prune_report.json",
     log:
-        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/prune.log",
+        f"{RUN_LOGS}/prune.log",
     benchmark:
-        BENCH_RUN + "/prune.tsv"
-    threads: 1
+        f"{BENCH_RUN}/prune.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    params:
+        step=prune_params(),
     script:
         "../scripts/prune.py"
 
 
 rule transcript:
     input:
-        plan=RUN + "/plan.json",
+        plan=f"{RUN}/plan.json",
     output:
         report(
-            RUN + "/transcript.html",
+            f"{RUN}/transcript.html",
             caption="../workflow/report/transcript.rst",
             category="Agents",
             subcategory="{model}",
-            labels={"model": "{model}", "method": "{method}", "ratio": "{ratio}", "seed": "{seed}"},
+            labels={
+                "model": "{model}",
+                "method": "{method}",
+                "ratio": "{ratio}",
+                "seed": "{seed}",
+            },
         ),
     log:
-        LOGS + "/{dataset}/{model}/{method}/r{ratio}/s{seed}/transcript.log",
+        f"{RUN_LOGS}/transcript.log",
     conda:
         "../envs/report.yaml"
     script:

@@ -6,15 +6,15 @@ rule stats:
         metrics=all_metrics(),
         benchmarks=run_benchmarks(),
     output:
-        runs=STATS + "/runs.csv",
-        summary=STATS + "/summary.csv",
-        comparisons=STATS + "/comparisons.csv",
-        benchmarks=STATS + "/benchmarks.csv",
-    params:
-        stats=config["stats"],
+        runs=f"{STATS}/runs.csv",
+        summary=f"{STATS}/summary.csv",
+        comparisons=f"{STATS}/comparisons.csv",
+        benchmarks=f"{STATS}/benchmarks.csv",
     log:
-        LOGS + "/stats.log",
+        f"{LOGS}/stats.log",
     conda:
         "../envs/report.yaml"
+    params:
+        settings=stats_params(),
     script:
         "../scripts/stats.py"

@@ -3,10 +3,11 @@
 from pathlib import Path
 
 from agentprune import steps
+from agentprune.settings import EvaluateStep, build
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.evaluate(
-        snakemake.config,
+        build(EvaluateStep, snakemake.params.step, "evaluate"),
         dict(snakemake.wildcards),
         snakemake.input.plan,
         snakemake.input.base_metrics,

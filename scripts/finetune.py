@@ -7,15 +7,15 @@ itself under torchrun with one process per GPU.
 from pathlib import Path
 
 from agentprune import distributed, steps
+from agentprune.settings import FinetuneStep, build
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.finetune(
-        snakemake.config,
+        build(FinetuneStep, snakemake.params.step, "finetune"),
         snakemake.input.plan,
         Path(snakemake.input.weights).with_suffix(""),
         Path(snakemake.input.base_weights).with_suffix(""),
         Path(snakemake.output.weights).with_suffix(""),
         snakemake.output.report,
-        settings=dict(snakemake.params.finetune),
         processes=distributed.requested_processes(snakemake.resources.get("gpu", 0)),
     )

@@ -1,17 +1,14 @@
-"""Snakemake script: render the paper's tables and figures into results/paper/."""
-
-from pathlib import Path
+"""Snakemake script: render the paper's tables and figures to the rule's named outputs."""
 
 from agentprune.paper import TEMPLATES, render_paper
+from agentprune.settings import PaperSettings, build
 
 render_paper(
     snakemake.input.runs,
     snakemake.input.summary,
     snakemake.input.comparisons,
-    out_dir=Path(snakemake.output.md).parents[1],
+    outputs=dict(snakemake.output.items()),
     templates_dir=TEMPLATES,
-    reference_method=snakemake.params.reference_method,
-    references=snakemake.params.references,
+    settings=build(PaperSettings, snakemake.params.settings, "paper"),
     benchmarks_csv=snakemake.input.benchmarks,
-    ablations=snakemake.params.ablations,
 )

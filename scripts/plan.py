@@ -3,14 +3,12 @@
 from pathlib import Path
 
 from agentprune import steps
+from agentprune.settings import PlanStep, build
 
 # No threads to logged(): it would import torch, which the fixed recipes never need.
 with steps.logged(snakemake.log[0]):
     steps.plan(
-        snakemake.config,
-        snakemake.wildcards.method,
-        snakemake.wildcards.model,
-        float(snakemake.wildcards.ratio),
+        build(PlanStep, snakemake.params.step, "plan"),
         int(snakemake.wildcards.seed),
         snakemake.input.profile,
         snakemake.output[0],

@@ -3,8 +3,11 @@
 from pathlib import Path
 
 from agentprune import steps
+from agentprune.settings import ProfileStep, build
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.profile(
-        snakemake.config, Path(snakemake.input.weights).with_suffix(""), snakemake.output[0]
+        build(ProfileStep, snakemake.params.step, "profile"),
+        Path(snakemake.input.weights).with_suffix(""),
+        snakemake.output[0],
     )

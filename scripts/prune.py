@@ -3,10 +3,11 @@
 from pathlib import Path
 
 from agentprune import steps
+from agentprune.settings import PruneStep, build
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.prune(
-        snakemake.config,
+        build(PruneStep, snakemake.params.step, "prune"),
         snakemake.input.plan,
         Path(snakemake.input.weights).with_suffix(""),
         Path(snakemake.output.weights).with_suffix(""),

@@ -101,14 +101,73 @@ def calib() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def plan_context(seed: int = 0) -> dict[str, Any]:
+def recipe(**values: Any):
+    """A training recipe: the schema's ``finetune`` defaults with ``values`` over them (dicts,
+    ``distill``, merged key by key)."""
+    from agentprune.config import defaults
+    from agentprune.resolve import merged
+    from agentprune.settings import TrainConfig, build
+
+    section = {k: v for k, v in defaults("finetune").items() if k != "epochs_scale"}
+    return build(TrainConfig, merged(section, values), "finetune")
+
+
+def icbs_settings(**values: Any):
+    """iCBS settings: the schema's ``icbs`` defaults with ``values`` over them."""
+    from agentprune.config import defaults
+    from agentprune.pruning.icbs.settings import ICBSConfig
+
+    return ICBSConfig.from_dict({**defaults("icbs"), **values})
+
+
+def data_settings(**values: Any):
+    """Data settings: the schema's ``dataset`` defaults with ``values`` over them."""
+    from agentprune.config import defaults
+    from agentprune.settings import DataSettings, build
+
+    return build(DataSettings, {**defaults("dataset"), **values}, "dataset")
+
+
+def sections(**overrides: dict[str, Any]) -> dict[str, Any]:
+    """Every config section's schema defaults (what a method's settings are built from), with
+    ``prune`` set to the tests' search and any section given here merged over its defaults."""
+    from agentprune.config import defaults
+
+    out = {name: defaults(name) for name in ("prune", "icbs", "agents", "profile", "evaluate")}
+    out["prune"].update(PRUNE_CFG)
+    out["results"] = "results"
+    for name, values in overrides.items():
+        out[name] = {**out[name], **values}
+    return out
+
+
+def method_settings(method: str, overrides: dict[str, Any] | None = None) -> Any:
+    """A method's typed settings from the schema defaults, as the plan step gets them."""
+    from agentprune.pruning import catalog
+
+    strategy = catalog.get(method)
+    everything = sections()
+    return strategy.resolve_settings(
+        {name: everything[name] for name in strategy.sections}, overrides or {}
+    )
+
+
+def plan_context(seed: int = 0, **values: Any):
     """The ``context`` argument of ``Method.plan``."""
-    return {
+    from agentprune.pruning.registry import PlanContext
+
+    fields = {
         "dataset": "digits",
         "model": "m",
+        "timm": "deit_tiny_patch16_224",
         "seed": seed,
-        "config": {"prune": dict(PRUNE_CFG)},
+        "target_gmacs": None,
+        "base_stem": None,
+        "threads": 1,
+        "data": data_settings(),
+        "calibration_batch_size": 64,
     }
+    return PlanContext(**{**fields, **values})
 
 
 def macs(model: nn.Module, inputs: torch.Tensor) -> int:
@@ -141,7 +200,7 @@ def prune_run(example_inputs, calib) -> Callable[..., PruneRun]:
     The base model is a fresh seeded model per run, snapshotted before pruning. ``fresh=True``
     bypasses the memo (for determinism tests).
     """
-    from agentprune.pruning import methods
+    from agentprune.pruning import catalog
 
     cache: dict[tuple, PruneRun] = {}
 
@@ -151,9 +210,9 @@ def prune_run(example_inputs, calib) -> Callable[..., PruneRun]:
             base = make_model(arch)
             state = copy.deepcopy(base.state_dict())
             base_macs = macs(base, example_inputs)
-            strategy = methods.get(method)
-            plan = strategy.plan(target, {}, {}, plan_context(seed))
-            model, report = strategy.prune(base, plan, example_inputs, calib, seed, {})
+            strategy = catalog.get(method)
+            plan = strategy.plan(target, {}, method_settings(method), plan_context(seed))
+            model, report = strategy.prune(base, plan, example_inputs, calib, seed)
             result = PruneRun(
                 arch, method, target, seed, base, state, base_macs, plan, model, report
             )

@@ -2,8 +2,9 @@
 
 Run it under torchrun (``python -m torch.distributed.run --standalone --nproc_per_node 2
 tests/ddp_train.py OUT``) to train with DDP on CPU (gloo). Every rank writes
-``OUT/rank<r>.json`` with the SHA-256 of its final weights and its training report; rank 0 also
-writes ``OUT/initial.sha256`` (the weights before training).
+``OUT/rank<r>.json`` with the SHA-256 of its final weights, its training report and the epochs its
+``on_epoch_end`` callback saw; rank 0 also writes ``OUT/initial.sha256`` (the weights before
+training).
 """
 
 from __future__ import annotations
@@ -18,16 +19,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 import torch  # noqa: E402
 from agentprune import data, distributed, models, train  # noqa: E402
+from agentprune.settings import DataSettings  # noqa: E402
+from conftest import recipe  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
-DIGITS = {
-    "name": "digits",
-    "img_size": 32,
-    "val_fraction": 0.15,
-    "test_fraction": 0.25,
-    "split_seed": 0,
-}
+DIGITS = DataSettings(
+    name="digits",
+    root=None,
+    img_size=32,
+    val_fraction=0.15,
+    test_fraction=0.25,
+    split_seed=0,
+    synthetic_classes=10,
+    synthetic_samples=256,
+    max_val_images=10000,
+)
 
 
 def weights_sha(model: nn.Module) -> str:
@@ -57,13 +64,23 @@ def main(out: Path) -> None:
     )
     initial = weights_sha(model)
     train_set = Subset(data.load_splits(DIGITS).train, range(256))
-    cfg = train.TrainConfig(epochs=2, lr=3e-3, batch_size=64, label_smoothing=0.0)
-    report = train.train(model, train_set, cfg, seed=0, progress=False, log=print)
+    cfg = recipe(epochs=2, lr=3e-3, batch_size=64, label_smoothing=0.0)
+    epochs_ended: list[int] = []  # on_epoch_end is rank 0's alone
+    report = train.train(
+        model, train_set, cfg, seed=0, progress=False, log=print, on_epoch_end=epochs_ended.append
+    )
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         (out / "initial.sha256").write_text(initial)
     (out / f"rank{info.rank}.json").write_text(
-        json.dumps({"sha256": weights_sha(model), "report": report, "pid": os.getpid()})
+        json.dumps(
+            {
+                "sha256": weights_sha(model),
+                "report": report,
+                "pid": os.getpid(),
+                "epochs_ended": epochs_ended,
+            }
+        )
     )
     distributed.barrier(info)
     torch.distributed.destroy_process_group()

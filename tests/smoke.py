@@ -77,15 +77,15 @@ def run_snakemake(
 def smoke_grid() -> dict[str, int]:
     """Jobs per rule the smoke grid implies."""
     cfg = yaml.safe_load(SMOKE.read_text())
-    from agentprune.pruning import methods
+    from agentprune.pruning import catalog
 
     per_ratio = len(cfg["models"]) * len(cfg["seeds"])
-    families = [methods.get(m).family for m in cfg["methods"]]
+    families = [catalog.get(m).family for m in cfg["methods"]]
     runs = per_ratio * sum(
         len(cfg["ratios"]) if f == "structured" else len(cfg["sparsities"]) for f in families
     )
     agent_runs = (
-        per_ratio * len(cfg["ratios"]) * sum(methods.get(m).uses_agents for m in cfg["methods"])
+        per_ratio * len(cfg["ratios"]) * sum(catalog.get(m).uses_agents for m in cfg["methods"])
     )
     return {
         "download_data": 1,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from agentprune import config as cfgmod
-from agentprune import steps
+from agentprune import resolve, steps
 from agentprune.agents.analysis import AnalysisAgent, Bounds, kind_caps, run_bounds
 from agentprune.agents.base import classify, compact, rounded
 from agentprune.agents.coordinator import LLMUnavailableError
@@ -24,10 +24,22 @@ from agentprune.agents.influence import influence
 from agentprune.agents.master import MasterAgent
 from agentprune.agents.profiling_agent import ProfilingAgent, summarize
 from agentprune.agents.schemas import Allocation, MasterDecision, Strategy
+from agentprune.pruning import catalog
 from fault_server import FaultServer, Step
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["attention", "heads", "mlp", "residual"]
+
+
+def _bounds(max_ratio: dict[str, float]) -> Bounds:
+    """Bounds with the schema's default protect factor, calibration cap and ceiling."""
+    agents = cfgmod.defaults("agents")
+    return Bounds(
+        max_ratio=max_ratio,
+        protect_factor=agents["protect_factor"],
+        max_calibration_batches=agents["max_calibration_batches"],
+        default_ratio=agents["max_ratio"],
+    )
 
 
 def _strategy(**kw: Any) -> Strategy:
@@ -46,7 +58,7 @@ def _strategy(**kw: Any) -> Strategy:
 
 
 def test_analysis_clamps_out_of_bound_values_and_records_them() -> None:
-    bounds = Bounds(max_ratio={"attention": 0.6, "heads": 0.5, "mlp": 0.4, "residual": 0.3})
+    bounds = _bounds({"attention": 0.6, "heads": 0.5, "mlp": 0.4, "residual": 0.3})
     strategy = _strategy(
         heads=2.0,
         allocation=Allocation(attention=1.0, mlp=3.0, residual=0.5),
@@ -77,7 +89,7 @@ def test_analysis_clamps_out_of_bound_values_and_records_them() -> None:
 
 
 def test_analysis_maps_grouping_and_ranked_kinds_share_the_tightest_bound() -> None:
-    bounds = Bounds(max_ratio={"attention": 0.8, "mlp": 0.35, "residual": 0.7})
+    bounds = _bounds({"attention": 0.8, "mlp": 0.35, "residual": 0.7})
     settings, clamps = AnalysisAgent().run(
         _strategy(grouping="uniform", importance="magnitude_l1", heads=0.0, round_to=8),
         0.3,
@@ -94,7 +106,7 @@ def test_analysis_maps_grouping_and_ranked_kinds_share_the_tightest_bound() -> N
 
 
 def test_head_bound_rounds_down_to_whole_heads() -> None:
-    bounds = Bounds(max_ratio={"heads": 0.45})
+    bounds = _bounds({"heads": 0.45})
     assert kind_caps(["heads"], [], bounds, [2, 2])["heads"] == 0.0
     assert kind_caps(["heads"], [], bounds, [4, 4])["heads"] == 0.25
     settings, clamps = AnalysisAgent().run(_strategy(), 0.3, ["heads"], [], bounds, {}, [2, 2])
@@ -103,7 +115,18 @@ def test_head_bound_rounds_down_to_whole_heads() -> None:
 
 def test_config_bounds_tighten_the_profile_per_family() -> None:
     profile = {"safety_bounds": {"max_ratio": {"mlp": 0.9, "heads": 0.6}}}
-    agents = {"bounds": [{"match": "deit_*", "max_ratio": {"heads": 0.25}}], "max_ratio": 0.8}
+    config = resolve.load_config(
+        ROOT / "config" / "config.yaml",
+        overrides={
+            "agents": {
+                "bounds": [{"match": "deit_*", "max_ratio": {"heads": 0.25}}],
+                "max_ratio": 0.8,
+            }
+        },
+    )
+    agents = catalog.get("multi_agent").load_settings(
+        resolve.method_settings(config, "multi_agent")
+    )
     vit = run_bounds(profile, agents, "digits", "vit", "deit_tiny_patch16_224")
     cnn = run_bounds(profile, agents, "digits", "cnn", "convnext_atto")
     assert vit.max_ratio == {"mlp": 0.8, "heads": 0.25}
@@ -243,14 +266,14 @@ def test_profiling_heuristic_protects_the_most_sensitive_kinds() -> None:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A trained smoke ViT and its profile (the plan rule's inputs)."""
     root = tmp_path_factory.mktemp("agents")
-    config = cfgmod.load_config(
+    config = resolve.load_config(
         ROOT / "config" / "config.yaml",
         ROOT / "config" / "smoke.yaml",
         overrides={"results": str(root / "results")},
     )
     base = root / "base" / "model"
-    steps.base_model(config, "vit", base, root / "base" / "metrics.json")
-    steps.profile(config, base, root / "profile.json")
+    steps.base_model(resolve.base_model_step(config, "vit"), base, root / "base" / "metrics.json")
+    steps.profile(resolve.profile_step(config), base, root / "profile.json")
     return {"root": root, "config": config, "base": base, "profile": root / "profile.json"}
 
 
@@ -262,13 +285,12 @@ def plan(
     method: str = "multi_agent",
 ) -> dict:
     """Plan ``method`` at ratio 0.3 with ``agents`` merged into the config."""
-    config = cfgmod.with_defaults(cfgmod.merge(smoke["config"], {"agents": agents}))
-    config["methods"] = [method]
-    cfgmod.check_config(config)
+    study = {"agents": agents, "methods": [method], "paper": {"reference_method": method}}
+    config = cfgmod.merge(smoke["config"], study)
+    resolve.prepare(config)
     out = smoke["root"] / name / "plan.json"
-    return steps.plan(
-        config, method, "vit", 0.3, seed, smoke["profile"], out, smoke["base"], threads=1
-    )
+    step = resolve.plan_step(config, method, "vit", 0.3)
+    return steps.plan(step, seed, smoke["profile"], out, smoke["base"], threads=1)
 
 
 def assert_in_bounds(doc: dict[str, Any]) -> None:
@@ -313,7 +335,11 @@ def test_ablation_is_the_default_policies_and_the_prune_step_rebuilds_its_best_t
     # The prune step carries the plan out to exactly the trial's model.
     root = smoke["root"] / "ablation"
     report = steps.prune(
-        smoke["config"], root / "plan.json", smoke["base"], root / "pruned", root / "report.json"
+        resolve.prune_step(smoke["config"]),
+        root / "plan.json",
+        smoke["base"],
+        root / "pruned",
+        root / "report.json",
     )
     assert report["macs"] == doc["expected"]["macs"]
     assert report["achieved"] == pytest.approx(doc["expected"]["achieved"], abs=1e-12)

@@ -155,6 +155,21 @@ def test_bad_method_setting_exits_2(
     assert len(errors) == 1 and message in errors[0]
 
 
+def test_unknown_method_setting_key_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --method-setting key the method's settings do not accept is a ConfigError of
+    ``Method.resolve_settings`` naming the key and the close known one."""
+    argv = ["prune", *TINY, "--ratio", "0.4", "--method-setting", "round_too=4"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "agentprune: error: config error at 'method_settings.magnitude_l2': "
+        "unknown key 'round_too' (did you mean 'round_to'?)"
+    )
+    assert not (tmp_path / "plan.json").exists()
+
+
 def test_published_recipes_come_from_the_paper_config() -> None:
     """Without rows in the loaded config, isomorphic gets config/paper.yaml's (the published
     recipes per architecture and GMACs target); --method-setting goes on top."""

@@ -9,16 +9,17 @@ from typing import Any
 
 import pytest
 import yaml
-from agentprune.config import (
-    SCHEMA_PATH,
-    ConfigError,
-    check_config,
-    load_config,
-    merge,
-    with_defaults,
-)
+from agentprune import config as configuration
+from agentprune.config import SCHEMA_PATH, ConfigError, merge, with_defaults
+from agentprune.pruning import catalog
+from agentprune.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def check_config(config: dict) -> None:
+    """The config check with the registered methods, as the entry points run it."""
+    configuration.check_config(config, catalog.REGISTRY)
 
 
 CONFIG = ROOT / "config" / "config.yaml"
@@ -212,9 +213,9 @@ def test_an_llm_method_needs_an_llm_unless_fallback_is_opted_in(
     # The no-LLM ablation alone needs no LLM.
     check_config({**heuristic, "methods": ["agents_heuristic", "isomorphic"]})
     # auto on a machine without llama-cpp-python is the default policy in disguise too.
-    from agentprune.agents import local_llm
+    from agentprune.agents import llm_settings
 
-    monkeypatch.setattr(local_llm, "llama_cpp_available", lambda: False)
+    monkeypatch.setattr(llm_settings, "llama_cpp_available", lambda: False)
     with pytest.raises(ConfigError, match="auto finds no local LLM"):
         check_config(merge(base, {"agents": {"backend": "auto"}}))
 

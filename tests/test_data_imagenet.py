@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 from agentprune import data
+from agentprune.config import apply_environment
+from agentprune.settings import DataSettings
+from conftest import data_settings
 from PIL import Image
 
 CLASSES = ("n01440764", "n01443537", "n01484850")
@@ -37,7 +40,7 @@ def fake_imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("imagenet"))
 
 
-def imagenet_cfg(root: Path | str | None, **extra: object) -> dict:
+def imagenet_section(root: Path | str | None, **extra: object) -> dict:
     return {
         "name": "imagenet",
         "root": None if root is None else str(root),
@@ -48,6 +51,10 @@ def imagenet_cfg(root: Path | str | None, **extra: object) -> dict:
         "max_val_images": 10000,
         **extra,
     }
+
+
+def imagenet_cfg(root: Path | str | None, **extra: object) -> DataSettings:
+    return data_settings(**imagenet_section(root, **extra))
 
 
 def test_splits_come_from_the_folder(fake_imagenet: Path) -> None:
@@ -91,7 +98,7 @@ def test_eval_transform_is_timms_resize_crop_normalise(fake_imagenet: Path) -> N
         assert torch.allclose(x, expected, atol=0.02), (x - expected).abs().max()
 
 
-def error_of(cfg: dict) -> str:
+def error_of(cfg: DataSettings) -> str:
     with pytest.raises(data.DataError) as err:
         data.load_splits(cfg)
     message = str(err.value)
@@ -137,11 +144,13 @@ def test_missing_or_malformed_tree_gets_one_line_errors(
 
 def test_root_from_the_environment(fake_imagenet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTPRUNE_IMAGENET", str(fake_imagenet))
-    assert data.num_classes(imagenet_cfg(None)) == 3
+    # The entry point reads the variable into dataset.root before any step runs.
+    config = apply_environment({"dataset": imagenet_section(None)})
+    assert data.num_classes(data_settings(**config["dataset"])) == 3
 
 
 def test_cifar_is_never_downloaded_outside_the_download_rule(tmp_path: Path) -> None:
-    cfg = {**imagenet_cfg(tmp_path), "name": "cifar10"}
+    cfg = imagenet_cfg(tmp_path, name="cifar10")
     message = error_of(cfg)  # load_splits' default: download=False, as in every compute job
     assert message.startswith(f"dataset.root={str(tmp_path)!r}: cifar10 not found or corrupt")
     assert "download_data rule" in message

@@ -1,6 +1,7 @@
 """iCBS block QUBO: the energy x^T Q x + c equals the second-order Taylor estimate of the keep
 mask's weight change (checked against an independent full-parameter Hessian), the block
-gradient/Hessian/Fisher match plain autograd, and solver scaling keeps the argmin."""
+gradient/Hessian/Fisher match plain autograd, the taps' per-sample gradients match a sample-by-
+sample autograd loop for Linear and Conv layers, and solver scaling keeps the argmin."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from agentprune.pruning.icbs.qubo import (
     BlockQUBO,
+    GradientTaps,
     block_fisher,
     block_gradient,
     block_hessian_exact,
     build_qubo,
+    fisher_from_samples,
+    fisher_model_gradient,
     scale_for_solver,
     taylor_estimate,
 )
@@ -251,3 +255,148 @@ def test_invalid_shapes_raise(setup):
             fn(model, "nope.weight", [0, 1], F.cross_entropy, batches)
         with pytest.raises(ValueError):
             fn(model, PARAM, [0, 1], F.cross_entropy, [])
+
+
+# --- GradientTaps: per-sample block gradients from one pass -----------------------------------
+
+
+def _per_sample_reference(model: nn.Module, param: str, x: torch.Tensor, y: torch.Tensor):
+    """Each sample's own full-weight gradient by plain autograd, one sample at a time."""
+    weight = dict(model.named_parameters())[param]
+    rows = []
+    for s in range(x.shape[0]):
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x[s : s + 1]), y[s : s + 1]), weight)
+        rows.append(g.reshape(-1))
+    return torch.stack(rows)
+
+
+class _Shared(nn.Module):
+    """One Linear applied twice (weight sharing), over a token dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))).mean(1))
+
+
+def _conv_net(conv: nn.Module, channels: int, dims: int) -> nn.Module:
+    pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool1d(1)
+    return nn.Sequential(conv, nn.Tanh(), pool, nn.Flatten(), nn.Linear(channels, 3))
+
+
+TAP_CASES = {
+    "linear-tokens": (
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Flatten(), nn.Linear(18, 3)),
+        "0.weight",
+        (3, 5),
+    ),
+    "shared-linear": (_Shared, "inner.weight", (3, 4)),
+    "conv2d-grouped-strided-dilated": (
+        lambda: _conv_net(nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), 6, 2),
+        "0.weight",
+        (4, 7, 6),
+    ),
+    "conv2d-depthwise-same": (
+        lambda: _conv_net(nn.Conv2d(3, 3, (3, 2), padding="same", groups=3), 3, 2),
+        "0.weight",
+        (3, 5, 5),
+    ),
+    "conv2d-reflect": (
+        lambda: _conv_net(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), 4, 2),
+        "0.weight",
+        (2, 5, 4),
+    ),
+    "conv1d-strided": (
+        lambda: _conv_net(nn.Conv1d(3, 4, 3, stride=2, padding=1), 4, 1),
+        "0.weight",
+        (3, 9),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAP_CASES))
+def test_taps_give_each_samples_own_gradient(case):
+    factory, param, shape = TAP_CASES[case]
+    torch.manual_seed(7)
+    model = factory().double().eval()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    layer = dict(model.named_modules())[param.rsplit(".", 1)[0]]
+    taps = GradientTaps({"layer": layer})
+    loss = taps.capture(model, (x, y), F.cross_entropy)
+    with torch.no_grad():
+        assert loss == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-12)
+    reference = _per_sample_reference(model, param, x, y)
+    every = torch.arange(layer.weight.numel())
+    torch.testing.assert_close(taps.per_sample("layer", every), reference, rtol=1e-10, atol=1e-12)
+    idx = torch.randperm(layer.weight.numel(), generator=torch.Generator().manual_seed(1))[:7]
+    g, fisher = taps.block_statistics("layer", idx)
+    block = reference[:, idx]
+    torch.testing.assert_close(g, block.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fisher, block.T @ block / 5, rtol=1e-10, atol=1e-12)
+
+
+def test_taps_match_the_block_functions_and_leave_the_model_alone(setup):
+    model, batches, idx = setup
+    model = copy.deepcopy(model).train()
+    model[0].bias.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    taps = GradientTaps({"0": model[0], "2": model[2]})
+    taps.capture(model, batches[0], F.cross_entropy)
+    g, fisher = taps.block_statistics("0", idx)
+    one = batches[:1]
+    expected_g = block_gradient(model, PARAM, idx, F.cross_entropy, one)
+    expected_fisher = block_fisher(model, PARAM, idx, F.cross_entropy, one)
+    torch.testing.assert_close(g, expected_g, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(fisher, expected_fisher, rtol=1e-10, atol=1e-14)
+    assert all(m.training for m in model.modules())
+    assert not model[0].bias.requires_grad and model[0].weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_fisher_from_samples_and_the_corrected_gradient_by_hand():
+    G = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    # (G^T G) / 2 = [[1+9, 2+12], [2+12, 4+16]] / 2
+    torch.testing.assert_close(
+        fisher_from_samples(G), torch.tensor([[5.0, 7.0], [7.0, 10.0]], dtype=torch.float64)
+    )
+    # mean(g_s) = (2, 3); shift u = (1, -1): G^T u / 2 = ((1 - 3) / 2, (2 - 4) / 2) = (-1, -1).
+    shift = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        fisher_model_gradient(G, shift), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    )
+
+
+def test_the_corrected_gradient_is_the_fisher_models_gradient_after_other_changes():
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(9, 10, generator=gen, dtype=torch.float64)
+    d = torch.zeros(10, dtype=torch.float64)
+    d[:4] = torch.randn(4, generator=gen, dtype=torch.float64)  # changes of block A = 0..3
+    expected = G.mean(0) + fisher_from_samples(G) @ d  # gradient of g^T d + 1/2 d^T F d
+    block_b = torch.arange(4, 10)
+    corrected = fisher_model_gradient(G[:, block_b], G[:, :4] @ d[:4])
+    torch.testing.assert_close(corrected, expected[block_b], rtol=1e-12, atol=1e-12)
+
+
+def test_taps_reject_bad_input(setup):
+    model, batches, _ = setup
+    with pytest.raises(ValueError, match="taps support Linear/Conv1d/Conv2d"):
+        GradientTaps({"act": model[1]})
+    taps = GradientTaps({"0": model[0]})
+    with pytest.raises(ValueError, match="was not captured"):
+        taps.per_sample("0", [0, 1])
+    taps.capture(model, batches[0], F.cross_entropy)
+    with pytest.raises(ValueError, match="was not captured"):
+        taps.per_sample("2", [0, 1])
+    for bad in ([[0, 1]], [], [0, 30], [-1]):
+        with pytest.raises(ValueError, match="idx"):
+            taps.per_sample("0", bad)
+    with pytest.raises(ValueError, match=r"\(N, n\)"):
+        fisher_from_samples(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="disagree"):
+        fisher_model_gradient(torch.zeros(4, 3), torch.zeros(3))

@@ -14,6 +14,7 @@ import textwrap
 import numba
 import numpy as np
 import pytest
+from agentprune.pruning.icbs import solver
 from agentprune.pruning.icbs.solver import anneal, beta_schedule, energy, exhaustive
 
 QUICK = {"beta_factor": 1.5}  # 30 levels instead of 122
@@ -137,6 +138,40 @@ def test_thread_count_independence() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "".join(map(str, x_default.tolist()))
+
+
+def test_serial_and_parallel_kernels_agree() -> None:
+    q = fisher_block(48, 5)
+    betas = beta_schedule(1e-3, 100.0, 1.5)
+    seeds = solver.restart_seeds(3, 4)
+    results = []
+    for kernel in (solver._anneal_restarts, solver._anneal_restarts_serial):
+        xs = np.zeros((4, 48), dtype=np.int8)
+        energies = np.empty(4)
+        kernel(q, 20, betas, 48, seeds, xs, energies)
+        results.append((xs, energies))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+
+
+def test_parallel_restarts_use_the_workqueue_threading_layer() -> None:
+    # numba's OpenMP layer next to torch's OpenMP slows torch down by an order of magnitude.
+    code = textwrap.dedent(
+        """
+        import numba
+        import numpy as np
+        from agentprune.pruning.icbs.solver import anneal
+        numba.set_num_threads(2)
+        anneal(np.eye(16), 8, restarts=2, beta_factor=2.0)
+        print(numba.threading_layer())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env["NUMBA_NUM_THREADS"] = "2"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "workqueue"
 
 
 def test_tolerated_asymmetry_uses_the_given_matrix() -> None:

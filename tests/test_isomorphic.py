@@ -17,10 +17,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from agentprune import data, models
-from agentprune.pruning import methods, structured
-from agentprune.pruning.settings import PrunerSettings, PruningError, gmacs_target
-from conftest import IMG_SIZE, NUM_CLASSES, make_model, plan_context
+from agentprune import data, models, resolve
+from agentprune.config import defaults
+from agentprune.pruning import catalog, methods, structured
+from agentprune.pruning.methods import RecipeSettings
+from agentprune.pruning.registry import PlanContext
+from agentprune.pruning.settings import PrunerSettings, PruningError
+from agentprune.settings import ConfigError
+from conftest import IMG_SIZE, NUM_CLASSES, make_model, method_settings, plan_context
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,19 +33,27 @@ ROWS = PAPER["method_settings"]["isomorphic"]["published"]
 REFERENCES = {(r["model"], r["macs_g"]): r for r in PAPER["paper"]["references"]}
 # architecture (timm name without its pretrained tag) -> the paper's model name
 MODEL_OF = {methods.architecture(m["timm"]): m["name"] for m in PAPER["models"]}
+# The MACs search of prune_to_target as the plan step sets it: the schema's `prune` defaults.
+PRUNE = defaults("prune")
+SEARCH = {
+    "tolerance": PRUNE["tolerance"],
+    "max_steps": PRUNE["max_search_steps"],
+    "gmacs_tolerance": PRUNE["gmacs_tolerance"],
+}
 
 
 def _row(timm_name: str, gmacs: float) -> dict[str, Any]:
     return next(r for r in ROWS if r["timm"] == timm_name and r["target_gmacs"] == gmacs)
 
 
-def _context(timm_name: str, gmacs: float | None, tolerance: float = 0.005) -> dict[str, Any]:
+def _context(timm_name: str, gmacs: float | None) -> PlanContext:
     """A plan context for one model of the given timm name, with its GMACs target."""
-    ctx = plan_context()
-    ctx["config"]["prune"]["tolerance"] = tolerance
-    ctx["config"]["models"] = [{"name": "m", "timm": timm_name}]
-    ctx["target_gmacs"] = gmacs
-    return ctx
+    return plan_context(timm=timm_name, target_gmacs=gmacs)
+
+
+def _settings(overrides: dict[str, Any] | None = None) -> RecipeSettings:
+    """The isomorphic recipe's typed settings with ``method_settings.isomorphic`` overrides."""
+    return method_settings("isomorphic", overrides)
 
 
 # --------------------------------------------------------------------------- published rows
@@ -113,8 +125,8 @@ def test_bad_rows_are_one_line(row, message):
 
 def test_plan_carries_the_row_its_sources_and_the_gmacs_target():
     timm_name = "deit_small_distilled_patch16_224"
-    plan = methods.get("isomorphic").plan(
-        0.739, {}, {"published": ROWS, "mode": "as_published"}, _context(timm_name, 1.21)
+    plan = catalog.get("isomorphic").plan(
+        0.739, {}, _settings({"published": ROWS, "mode": "as_published"}), _context(timm_name, 1.21)
     )
     assert plan["target"] == {"metric": "macs_fraction_removed", "value": 0.739, "gmacs": 1.21}
     assert plan["search"]["mode"] == "as_published"
@@ -134,7 +146,7 @@ def test_plan_carries_the_row_its_sources_and_the_gmacs_target():
 
 
 def test_plan_without_a_row_uses_the_deit_b_proportions():
-    plan = methods.get("isomorphic").plan(0.3, {}, {"published": ROWS}, plan_context())
+    plan = catalog.get("isomorphic").plan(0.3, {}, _settings({"published": ROWS}), plan_context())
     pruner = plan["pruner"]
     assert (pruner["head_ratio_scale"], pruner["head_dim_ratio_scale"]) == (1.0, 0.5)
     assert pruner["pruning_ratio"] is None and plan["search"]["mode"] == "macs_targeted"
@@ -147,19 +159,30 @@ def test_plan_without_a_row_uses_the_deit_b_proportions():
 )
 def test_as_published_needs_a_row(gmacs, message):
     ctx = _context("deit_tiny_distilled_patch16_224", gmacs)
+    settings = _settings({"published": ROWS, "mode": "as_published"})
     with pytest.raises(PruningError, match=message):
-        methods.get("isomorphic").plan(0.5, {}, {"published": ROWS, "mode": "as_published"}, ctx)
+        catalog.get("isomorphic").plan(0.5, {}, settings, ctx)
 
 
 def test_unknown_mode_is_named():
-    with pytest.raises(PruningError, match="mode='fast' is not one of"):
-        methods.get("isomorphic").plan(0.5, {}, {"mode": "fast"}, plan_context())
+    """An unknown mode fails when the settings are resolved (the config check), not at plan."""
+    with pytest.raises(ConfigError, match="'fast' is not one of") as info:
+        _settings({"mode": "fast"})
+    assert "'method_settings.isomorphic.mode'" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_gmacs_target_is_recovered_from_the_ratio_wildcard():
-    entry = {"targets_gmacs": [4.16, 2.61], "base_gmacs": 17.6791}
-    assert gmacs_target(entry, 0.7647) == 4.16 and gmacs_target(entry, 0.8524) == 2.61
-    assert gmacs_target(entry, 0.5) is None and gmacs_target({}, 0.3) is None
+    config = {
+        "models": [
+            {"name": "m", "targets_gmacs": [4.16, 2.61], "base_gmacs": 17.6791},
+            {"name": "ratios", "targets_gmacs": [], "base_gmacs": None},
+        ]
+    }
+    assert resolve.target_gmacs(config, "m", 0.7647) == 4.16
+    assert resolve.target_gmacs(config, "m", 0.8524) == 2.61
+    assert resolve.target_gmacs(config, "m", 0.5) is None
+    assert resolve.target_gmacs(config, "ratios", 0.3) is None
 
 
 # --------------------------------------------------------------------------- search pieces
@@ -225,7 +248,7 @@ def test_published_scale_follows_the_pruned_head_dim(example_inputs, calib):
         {**methods.Isomorphic.recipe, "pruning_ratio": 0.5, "calibration_batches": 2}
     )
     model, report = structured.prune_to_target(
-        make_model("vit"), settings, 0.4, example_inputs, calib, 0, mode="as_published"
+        make_model("vit"), settings, 0.4, example_inputs, calib, 0, mode="as_published", **SEARCH
     )
     assert report["trials"] == [{"stage": "global", "ratio": 0.5, "achieved": report["achieved"]}]
     assert report["search"]["ratio"] == 0.5 and report["search"]["topup"] is None
@@ -240,10 +263,11 @@ def test_gmacs_target_lands_within_half_a_percent_whatever_the_tolerance(example
     base = make_model("vit")
     base_macs = structured.count_macs(base, example_inputs)[0]
     gmacs = 0.6 * base_macs / 1e9
-    settings = PrunerSettings.from_dict({**methods.get("taylor").recipe, "calibration_batches": 2})
+    settings = PrunerSettings.from_dict({**catalog.get("taylor").recipe, "calibration_batches": 2})
     # A 0.2 fractional tolerance would accept anything from 0.2 to 0.6 of the MACs removed.
+    search = {**SEARCH, "tolerance": 0.2}
     model, report = structured.prune_to_target(
-        base, settings, 0.4, example_inputs, calib, 0, tolerance=0.2, target_gmacs=gmacs
+        base, settings, 0.4, example_inputs, calib, 0, target_gmacs=gmacs, **search
     )
     macs = structured.count_macs(model, example_inputs)[0]
     assert abs(macs - gmacs * 1e9) <= 0.005 * gmacs * 1e9
@@ -257,10 +281,8 @@ def test_topup_ranks_with_the_methods_own_importance(monkeypatch, example_inputs
     asked: list[str] = []
     real = structured._base_importance
     monkeypatch.setattr(structured, "_base_importance", lambda n: asked.append(n) or real(n))
-    plan = methods.get("isomorphic").plan(0.3, {}, {}, plan_context())
-    _, report = methods.get("isomorphic").prune(
-        make_model("vit"), plan, example_inputs, calib, 0, {}
-    )
+    plan = catalog.get("isomorphic").plan(0.3, {}, _settings(), plan_context())
+    _, report = catalog.get("isomorphic").prune(make_model("vit"), plan, example_inputs, calib, 0)
     topup = report["search"]["topup"]
     assert topup is not None and set(asked) == {"taylor"} and len(asked) == 2
     settings = PrunerSettings.from_dict(plan["pruner"])
@@ -320,7 +342,14 @@ def test_pruned_convnext_without_blocks_saves_and_loads(tmp_path, example_inputs
         }
     )
     model, report = structured.prune_to_target(
-        make_model("convnext"), settings, 0.5, example_inputs, calib, 0, mode="as_published"
+        make_model("convnext"),
+        settings,
+        0.5,
+        example_inputs,
+        calib,
+        0,
+        mode="as_published",
+        **SEARCH,
     )
     assert report["overrides"] == {"depths": [1, 1, 1, 1]}
     name, overrides = "convnext_atto", {"dims": (24, 48, 96, 192), "depths": (1, 1, 2, 1)}
@@ -349,10 +378,10 @@ def deit_runs():
         if key not in cache:
             torch.manual_seed(0)
             base = models.create(timm_name, 1000, {})
-            strategy = methods.get("isomorphic")
+            strategy = catalog.get("isomorphic")
             ctx = _context(timm_name, gmacs)
-            plan = strategy.plan(0.5, {}, {"published": ROWS, "mode": mode}, ctx)
-            model, report = strategy.prune(base, plan, data.example_inputs(224), calib, 0, {})
+            plan = strategy.plan(0.5, {}, _settings({"published": ROWS, "mode": mode}), ctx)
+            model, report = strategy.prune(base, plan, data.example_inputs(224), calib, 0)
             cache[key] = (plan, report, model)
         return cache[key]
 

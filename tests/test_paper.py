@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from agentprune import paper
+from agentprune.settings import PaperSettings
 from agentprune.stats import SUMMARY_METRICS
 from scipy import stats as sps
 
@@ -148,6 +149,21 @@ def write_inputs(tmp_path: Path, runs: pd.DataFrame, summary=None, comparisons=N
     return paths
 
 
+def render(inputs, out_dir, reference_method="isomorphic", references=None, ablations=None):
+    """render_paper into ``out_dir`` with the workflow's layout (tables/, figures/)."""
+    settings = PaperSettings(reference_method, list(references or []), dict(ablations or {}))
+    runs, summary, comparisons = inputs[:3]
+    return paper.render_paper(
+        runs,
+        summary,
+        comparisons,
+        paper.paper_paths(out_dir),
+        TEMPLATES,
+        settings,
+        *inputs[3:],
+    )
+
+
 def table_body(markdown: str) -> list[list[str]]:
     """Cells of the data rows of the (first) pipe table in ``markdown``."""
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
@@ -160,7 +176,7 @@ def rendered(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("paper")
     runs = make_runs()
     inputs = write_inputs(tmp_path, runs)
-    outputs = paper.render_paper(*inputs, out_dir=tmp_path / "paper", templates_dir=TEMPLATES)
+    outputs = render(inputs, tmp_path / "paper")
     return {"runs": runs, "summary": pd.read_csv(inputs[1]), "outputs": outputs}
 
 
@@ -321,7 +337,11 @@ def test_ablation_delta_and_llm_influence_columns(tmp_path):
     assert rows["agents_heuristic"]["influence"].startswith("own 0/3 decisions")
     assert rows["isomorphic"]["influence"] == "–" and not rows["multi_agent"]["fallback"]
     md, tex, html = paper.render_tables(
-        summary, tmp_path, paper.TEMPLATES, ablations=ablations, comparisons=AGENT_PAIR
+        summary,
+        paper.table_paths(tmp_path, "results"),
+        paper.TEMPLATES,
+        ablations=ablations,
+        comparisons=AGENT_PAIR,
     )
     lines = md.read_text().splitlines()
     header = next(line for line in lines if line.startswith("| Model"))
@@ -334,7 +354,9 @@ def test_ablation_delta_and_llm_influence_columns(tmp_path):
     marked = {r["method"]: r for r in plain}
     assert marked["multi_agent"]["delta_ablation"] == "" and marked["multi_agent"]["fallback"]
     assert marked["multi_agent"]["influence"].endswith("failed 25%")
-    md2, _, _ = paper.render_tables(_agent_summary(0.25), tmp_path / "b", paper.TEMPLATES)
+    md2, _, _ = paper.render_tables(
+        _agent_summary(0.25), paper.table_paths(tmp_path / "b", "results"), paper.TEMPLATES
+    )
     text = md2.read_text()
     assert "Δ ablation |" not in text and "| multi_agent ‡ |" in text
 
@@ -394,9 +416,7 @@ def test_references_rendered_as_flagged_rows(tmp_path):
     assert flagged[0]["macs"] == "1090.000"  # G -> the table's M unit
     assert flagged[0]["top1"] == "69.10"
     inputs = write_inputs(tmp_path, runs)
-    out = paper.render_paper(
-        *inputs, tmp_path / "paper", TEMPLATES, "isomorphic", references=references
-    )
+    out = render(inputs, tmp_path / "paper", references=references)
     html = out["results_html"].read_text()
     assert "DepGraph &lt;paper&gt;" in html and "&amp; more_info" in html
     tex = out["results_tex"].read_text()
@@ -411,7 +431,7 @@ def test_single_seed_renders_without_ci(tmp_path):
     runs = make_runs(seeds=1)
     empty = pd.DataFrame(columns=list(make_comparisons(make_runs()).columns))
     inputs = write_inputs(tmp_path, runs, comparisons=empty)
-    out = paper.render_paper(*inputs, out_dir=tmp_path / "paper", templates_dir=TEMPLATES)
+    out = render(inputs, tmp_path / "paper")
     markdown = out["results_md"].read_text()
     body = table_body(markdown)
     assert len(body) == len(MODELS) * (len(RATIOS) * len(STRUCTURED) + 1)
@@ -427,7 +447,7 @@ def test_missing_optional_columns(tmp_path):
     summary = make_summary(runs)
     summary = summary.drop(columns=[c for c in summary.columns if c.startswith("top1_pruned")])
     inputs = write_inputs(tmp_path, runs, summary=summary)
-    out = paper.render_paper(*inputs, out_dir=tmp_path / "paper", templates_dir=TEMPLATES)
+    out = render(inputs, tmp_path / "paper")
     assert out["time_per_step"].stat().st_size > 5_000
     assert all(row[9] == "" for row in table_body(out["results_md"].read_text()))
 
@@ -443,10 +463,14 @@ def test_strict_undefined_catches_template_mistakes(tmp_path):
     shutil.copytree(TEMPLATES, templates)
     (templates / "table.md.j2").write_text("{% for row in rows %}{{ row.top_1 }}{% endfor %}\n")
     with pytest.raises(jinja2.UndefinedError):
-        paper.render_tables(make_summary(make_runs()), tmp_path / "out", templates, "isomorphic")
+        paper.render_tables(
+            make_summary(make_runs()), paper.table_paths(tmp_path, "r"), templates, "isomorphic"
+        )
     (templates / "table.md.j2").write_text("{{ undefined_variable }}\n")
     with pytest.raises(jinja2.UndefinedError):
-        paper.render_tables(make_summary(make_runs()), tmp_path / "out", templates, "isomorphic")
+        paper.render_tables(
+            make_summary(make_runs()), paper.table_paths(tmp_path, "r"), templates, "isomorphic"
+        )
 
 
 @pytest.mark.parametrize(

@@ -24,18 +24,11 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from agentprune import paper
-from agentprune.config import (
-    IMAGENET_ENV,
-    ConfigError,
-    check_config,
-    finetune_settings,
-    fmt_ratio,
-    load_config,
-    merge,
-    structured_ratios,
-    target_ratio,
-)
+from agentprune import paper, resolve
+from agentprune.config import IMAGENET_ENV, check_config, merge
+from agentprune.pruning import catalog
+from agentprune.resolve import finetune_recipe, load_config, structured_ratios
+from agentprune.settings import ConfigError, fmt_ratio, plain, target_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "config.yaml"
@@ -200,7 +193,7 @@ def test_paper_ratios_derive_from_the_gmacs_targets(imagenet_root: Path) -> None
 
 def test_default_config_keeps_global_ratios() -> None:
     cfg = load_config(CONFIG)
-    assert all(structured_ratios(cfg, m["name"]) == [0.3, 0.5] for m in cfg["models"])
+    assert all(structured_ratios(cfg, m["name"]) == [0.5, 0.75] for m in cfg["models"])
     assert fmt_ratio(0.3) == "0.3" and fmt_ratio(0.764693) == "0.7647"
     assert target_ratio(4.16, 17.6791) == 0.7647
 
@@ -218,7 +211,7 @@ def test_default_config_keeps_global_ratios() -> None:
 def test_bad_model_entries_are_one_line(entry: dict[str, Any], message: str) -> None:
     cfg = {"models": [{"name": "m", "timm": "resnet18", **entry}]}
     with pytest.raises(ConfigError) as info:
-        check_config(cfg)
+        check_config(cfg, catalog.REGISTRY)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -245,27 +238,33 @@ def test_recorded_base_gmacs_match_a_fresh_count(name: str) -> None:
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def test_finetune_settings_merge_per_model_and_scale_epochs(imagenet_root: Path) -> None:
+# TrainConfig fields that are part of every recipe and no config section (not configurable).
+FIXED_RECIPE_KEYS = {"min_lr_fraction", "grad_clip"}
+
+
+def test_finetune_recipe_merges_per_model_and_scales_epochs(imagenet_root: Path) -> None:
     cfg = load_config(CONFIG, PAPER, overrides={"finetune": {"epochs_scale": 0.1}})
-    deit = finetune_settings(cfg, "deit_base")
+    deit = plain(finetune_recipe(cfg, "deit_base"))
     assert deit["epochs"] == pytest.approx(30.0) and "epochs_scale" not in deit
     assert (deit["lr"], deit["mixup"], deit["cutmix"]) == (0.0005, 0.8, 1.0)
     assert deit["distill"]["kind"] == "hard"
     assert deit["distill"]["teacher"] == "regnety_160.deit_in1k"
     assert deit["distill"]["alpha"] == cfg["finetune"]["distill"]["alpha"]  # merged key by key
-    convnext = finetune_settings(cfg, "convnext_base")
+    convnext = plain(finetune_recipe(cfg, "convnext_base"))
     assert (convnext["lr"], convnext["ema"], convnext["mixup"]) == (0.002, 0.9999, 0.2)
     assert convnext["distill"]["enabled"] is False
-    assert finetune_settings(cfg, "deit_tiny") == deit  # the same recipe (a YAML anchor)
+    assert plain(finetune_recipe(cfg, "deit_tiny")) == deit  # the same recipe (a YAML anchor)
 
 
-def test_finetune_settings_of_the_default_config_are_the_section() -> None:
+def test_finetune_recipe_of_the_default_config_is_the_section() -> None:
     cfg = load_config(CONFIG)
+    section = {k: v for k, v in cfg["finetune"].items() if k != "epochs_scale"}
     for entry in cfg["models"]:
-        settings = finetune_settings(cfg, entry["name"])
-        assert settings == {k: v for k, v in cfg["finetune"].items() if k != "epochs_scale"}
+        recipe = plain(finetune_recipe(cfg, entry["name"]))
+        assert set(recipe) - set(section) == FIXED_RECIPE_KEYS
+        assert {k: recipe[k] for k in section} == section
     scaled = merge(cfg, {"finetune": {"epochs_scale": 2.0}})
-    assert finetune_settings(scaled, "vit")["epochs"] == 2.0 * cfg["finetune"]["epochs"]
+    assert finetune_recipe(scaled, "vit").epochs == 2.0 * cfg["finetune"]["epochs"]
 
 
 # --------------------------------------------------------------------------- reference rows
@@ -316,7 +315,8 @@ def test_paper_table_shows_the_published_rows(imagenet_root: Path, tmp_path: Pat
         row = rows[at]
         assert row["macs"] == f"{ref['macs_g']:.3f}" and row["top1"] == f"{ref['top1']:.2f}"
         assert row["params"] == f"{ref['params_m']:.3f}"
-    md, tex, html = paper.render_tables(summary, tmp_path, TEMPLATES, "isomorphic", references)
+    paths = paper.table_paths(tmp_path, "results")
+    md, tex, html = paper.render_tables(summary, paths, TEMPLATES, "isomorphic", references)
     for ref in references:
         assert ref["label"] in md.read_text()
         assert paper.tex_escape(ref["label"]) in tex.read_text()
@@ -365,7 +365,8 @@ def test_plan_step_finds_the_published_recipe_of_a_ratio(
     cfg = load_config(CONFIG, PAPER)
     profile = tmp_path / "profile.json"
     profile.write_text("{}")
-    plan = steps.plan(cfg, "isomorphic", model, float(ratio), 0, profile, tmp_path / "plan.json")
+    step = resolve.plan_step(cfg, "isomorphic", model, float(ratio))
+    plan = steps.plan(step, 0, profile, tmp_path / "plan.json")
     target = {"metric": "macs_fraction_removed", "value": float(ratio), "gmacs": gmacs}
     assert plan["target"] == target
     assert plan["search"]["gmacs_tolerance"] == 0.005 and plan["search"]["mode"] == "macs_targeted"

@@ -7,14 +7,17 @@ import math
 import pytest
 from agentprune import profiling
 from agentprune.pruning import structured
+from agentprune.settings import ProfileSettings
 from conftest import macs
 
-CFG = {
-    "sensitivity_ratios": [0.1, 0.5],
-    "max_loss_increase": 0.5,
-    "bound_floor": 0.05,
-    "bound_ceiling": 0.9,
-}
+CFG = ProfileSettings(
+    sensitivity_ratios=[0.1, 0.5],
+    calibration_batches=2,
+    batch_size=64,
+    max_loss_increase=0.5,
+    bound_floor=0.05,
+    bound_ceiling=0.9,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_sensitivity(vit_profile):
     assert math.isfinite(sens["base_loss"])
     assert {"attention", "mlp", "residual", "heads"} <= set(sens["kinds"])
     for kind, info in sens["kinds"].items():
-        assert info["ratios"] == CFG["sensitivity_ratios"], kind
+        assert info["ratios"] == CFG.sensitivity_ratios, kind
         assert len(info["loss"]) == len(info["loss_increase"]) == 2, kind
         for loss, increase in zip(info["loss"], info["loss_increase"]):
             assert math.isfinite(loss), kind
@@ -72,7 +75,7 @@ def test_sensitivity(vit_profile):
 def test_safety_bounds_per_kind(vit_profile):
     bounds = vit_profile["safety_bounds"]["max_ratio"]
     assert set(bounds) == set(vit_profile["sensitivity"]["kinds"])
-    assert all(CFG["bound_floor"] <= b <= CFG["bound_ceiling"] for b in bounds.values())
+    assert all(CFG.bound_floor <= b <= CFG.bound_ceiling for b in bounds.values())
     assert "0.5" in vit_profile["safety_bounds"]["rule"]
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from agentprune.pruning import methods, structured
-from conftest import ARCHS, macs, make_model, plan_context
+from agentprune.pruning import catalog, structured
+from agentprune.settings import ConfigError
+from conftest import ARCHS, PRUNE_CFG, macs, make_model, method_settings
 
 METHODS = ("isomorphic", "magnitude_l1", "magnitude_l2", "taylor", "random")
 TOLERANCE = 0.005
@@ -20,10 +21,10 @@ CASES = [(arch, method, 0.3) for arch in ARCHS for method in METHODS] + [
 
 
 def test_registry_holds_the_five_methods():
-    assert set(METHODS) <= set(methods.names())
+    assert set(METHODS) <= set(catalog.names())
     for name in METHODS:
-        assert methods.get(name).name == name
-        assert methods.get(name).family == "structured"
+        assert catalog.get(name).name == name
+        assert catalog.get(name).family == "structured"
 
 
 @pytest.mark.parametrize(("arch", "method", "target"), CASES)
@@ -147,14 +148,15 @@ def test_settings_round_trip():
     assert structured.PrunerSettings.from_dict(settings.to_dict()) == settings
 
 
-def test_plan_rejects_bad_override():
-    with pytest.raises(structured.PruningError, match="unknown keys"):
-        methods.get("taylor").plan(0.3, {}, {"not_a_setting": True}, plan_context())
+def test_settings_reject_an_unknown_override_naming_it():
+    with pytest.raises(ConfigError, match="method_settings.taylor': unknown key 'round_ot'") as err:
+        method_settings("taylor", {"round_ot": 2})
+    assert "did you mean 'round_to'" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_method_names_known_ones():
-    with pytest.raises(methods.UnknownMethodError) as info:
-        methods.get("nope")
+    with pytest.raises(catalog.UnknownMethodError) as info:
+        catalog.get("nope")
     message = str(info.value)
     assert "'nope'" in message
     for name in METHODS:
@@ -165,7 +167,17 @@ def test_unknown_method_names_known_ones():
 def test_target_outside_range(vit_factory, example_inputs, calib):
     settings = structured.PrunerSettings()
     with pytest.raises(structured.PruningError, match="outside"):
-        structured.prune_to_target(vit_factory(), settings, 1.0, example_inputs, calib, 0)
+        structured.prune_to_target(
+            vit_factory(),
+            settings,
+            1.0,
+            example_inputs,
+            calib,
+            0,
+            tolerance=PRUNE_CFG["tolerance"],
+            max_steps=PRUNE_CFG["max_search_steps"],
+            gmacs_tolerance=0.005,
+        )
 
 
 def curve_trial(curve):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from agentprune.settings import StatsSettings
 from agentprune.stats import (
     COMPARE_COLUMNS,
     SUMMARY_METRICS,
@@ -395,9 +396,14 @@ def test_compare_rejects_unknown_metric_and_empty_ok(runs: pd.DataFrame) -> None
 # --------------------------------------------------------------------------- write_stats
 
 
+def stats_paths(out: Path) -> dict[str, Path]:
+    """The stats rule's layout under ``out``."""
+    return {name: out / f"{name}.csv" for name in ("runs", "summary", "comparisons")}
+
+
 def test_write_stats_files_and_columns(tmp_path: Path, metric_files: list[Path]) -> None:
     out = tmp_path / "results" / "stats"
-    written = write_stats(metric_files, out, confidence=0.9, alpha=0.01)
+    written = write_stats(metric_files, stats_paths(out), StatsSettings(confidence=0.9, alpha=0.01))
     assert set(written) == {"runs", "summary", "comparisons"}
     assert {p.name for p in written.values()} == {"runs.csv", "summary.csv", "comparisons.csv"}
     assert all(p.parent == out and p.is_file() for p in written.values())
@@ -425,7 +431,7 @@ def test_write_stats_files_and_columns(tmp_path: Path, metric_files: list[Path])
 def test_write_stats_empty_comparisons_have_header(tmp_path: Path) -> None:
     record = _metrics("agent", 0.5, 0, np.random.default_rng(1))
     path = _write(tmp_path / "results", record)
-    written = write_stats([path], tmp_path / "stats")
+    written = write_stats([path], stats_paths(tmp_path / "stats"), StatsSettings(0.95, 0.05))
     header = written["comparisons"].read_text().splitlines()
     assert header == [",".join(COMPARE_COLUMNS)]
     assert len(pd.read_csv(written["runs"])) == 1

@@ -9,17 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from agentprune import data, evaluate, train
-from conftest import make_model
+from agentprune.settings import EvaluateSettings
+from conftest import data_settings, make_model, recipe
 from torch import nn
 from torch.utils.data import TensorDataset
 
-DIGITS = {
-    "name": "digits",
-    "img_size": 32,
-    "val_fraction": 0.15,
-    "test_fraction": 0.25,
-    "split_seed": 0,
-}
+DIGITS = data_settings(name="digits", img_size=32, val_fraction=0.15, test_fraction=0.25)
 N_DIGITS = 1797
 
 
@@ -63,7 +58,7 @@ def test_digits_splits_are_deterministic(digits):
     again = data.load_splits(DIGITS)
     for k, v in split_indices(digits).items():
         np.testing.assert_array_equal(split_indices(again)[k], v)
-    other = data.load_splits({**DIGITS, "split_seed": 1})
+    other = data.load_splits(data_settings(split_seed=1))
     assert not np.array_equal(split_indices(other)["test"], split_indices(digits)["test"])
 
 
@@ -88,7 +83,7 @@ def test_calibration_batches_are_seeded(digits):
 def test_train_tiny_convnext_on_digits(digits):
     model = make_model("convnext")
     before = evaluate.accuracy(model, digits.test)
-    cfg = train.TrainConfig(epochs=3, lr=3e-3, batch_size=64, label_smoothing=0.0)
+    cfg = recipe(epochs=3, lr=3e-3, batch_size=64, label_smoothing=0.0)
     report = train.train(model, digits.train, cfg, seed=0, progress=False)
     assert report["steps"] == 3 * math.ceil(len(digits.train) / 64)
     losses = report["epoch_loss"]
@@ -107,7 +102,7 @@ def test_masks_keep_weights_at_zero():
     mask = (torch.rand(16, 12, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     train.apply_masks(model, {"0.weight": mask})
     start = model[0].weight.detach().clone()
-    cfg = train.TrainConfig(epochs=3, lr=1e-2, batch_size=16, weight_decay=0.1)
+    cfg = recipe(epochs=3, lr=1e-2, batch_size=16, weight_decay=0.1)
     train.train(
         model, small_classification_set(), cfg, seed=0, masks={"0.weight": mask}, progress=False
     )
@@ -122,7 +117,7 @@ def test_training_is_seeded():
     def run(seed: int) -> torch.Tensor:
         torch.manual_seed(0)
         model = nn.Linear(12, 5)
-        cfg = train.TrainConfig(epochs=2, lr=1e-2, batch_size=16)
+        cfg = recipe(epochs=2, lr=1e-2, batch_size=16)
         train.train(model, small_classification_set(), cfg, seed=seed, progress=False)
         return model.weight.detach().clone()
 
@@ -131,7 +126,7 @@ def test_training_is_seeded():
 
 
 def test_lr_schedule():
-    cfg = train.TrainConfig(lr=1.0, warmup_fraction=0.1, min_lr_fraction=0.01)
+    cfg = recipe(lr=1.0, warmup_fraction=0.1, min_lr_fraction=0.01)
     assert train.lr_at(0, 100, cfg) == pytest.approx(0.1)
     assert train.lr_at(9, 100, cfg) == pytest.approx(1.0)
     assert train.lr_at(10, 100, cfg) == pytest.approx(1.0)
@@ -220,7 +215,7 @@ def test_evaluate_model_reuses_known_size_and_checks_params():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
     xs = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     test_set = TensorDataset(xs, torch.arange(8) % 10)
-    cfg = {"batch_size": 4, "throughput_batch": 2, "warmup": 1, "repeats": 1}
+    cfg = EvaluateSettings(batch_size=4, latency_batch=1, throughput_batch=2, warmup=1, repeats=1)
     params = sum(p.numel() for p in model.parameters())
     out = evaluate.evaluate_model(model, test_set, 4, cfg, known_size=(12345, params))
     assert out["macs"] == 12345 and out["params"] == params

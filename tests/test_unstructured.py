@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 from agentprune import evaluate, train
-from agentprune.pruning import methods, unstructured
-from conftest import ARCHS, make_model, plan_context
+from agentprune.pruning import catalog, unstructured
+from conftest import ARCHS, make_model, method_settings, plan_context, recipe
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -18,10 +18,10 @@ from torch.utils.data import TensorDataset
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_every_layer_hits_the_density_exactly(arch, method, sparsity, example_inputs, calib):
     base = make_model(arch)
-    strategy = methods.get(method)
-    plan = strategy.plan(sparsity, {}, {}, plan_context())
+    strategy = catalog.get(method)
+    plan = strategy.plan(sparsity, {}, method_settings(method), plan_context())
     assert plan["family"] == "unstructured" and plan["target"]["value"] == sparsity
-    model, report = strategy.prune(base, plan, example_inputs, calib, 0, {})
+    model, report = strategy.prune(base, plan, example_inputs, calib, 0)
     layers = unstructured.prunable_layers(model)
     for name, module in layers.items():
         zeros = int((module.weight == 0).sum())
@@ -70,14 +70,14 @@ def test_per_row_masks_spread_the_remainder_and_stay_exact() -> None:
 
 def test_masks_survive_fine_tuning(example_inputs, calib) -> None:
     base = make_model("vit")
-    strategy = methods.get("magnitude")
-    plan = strategy.plan(0.7, {}, {}, plan_context())
-    model, _ = strategy.prune(base, plan, example_inputs, calib, 0, {})
+    strategy = catalog.get("magnitude")
+    plan = strategy.plan(0.7, {}, method_settings("magnitude"), plan_context())
+    model, _ = strategy.prune(base, plan, example_inputs, calib, 0)
     masks = strategy.masks(model)
     before = {n: (p == 0).clone() for n, p in model.named_parameters() if n in masks}
     xs = torch.cat([x for x, _ in calib])
     ys = torch.cat([y for _, y in calib])
-    cfg = train.TrainConfig(epochs=2, lr=1e-2, batch_size=4)
+    cfg = recipe(epochs=2, lr=1e-2, batch_size=4)
     trained = copy.deepcopy(model)
     train.train(trained, TensorDataset(xs, ys), cfg, seed=0, masks=masks, progress=False)
     params = dict(trained.named_parameters())

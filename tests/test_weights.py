@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from agentprune import models, steps, train
-from agentprune.config import load_config
+from agentprune import models, resolve, steps, train
+from agentprune.resolve import load_config
+from agentprune.settings import ConfigError
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,13 +66,16 @@ def test_pretrained_same_class_count_is_loaded_bitwise_without_training(
 ) -> None:
     file = weights_file(tmp_path / f"weights{suffix}")
     config = study({"pretrained": True, "pretrained_file": str(file)})
-    manifest = steps.download_weights(config, "tiny", tmp_path / "weights.json")
+    manifest = steps.download_weights(resolve.weights(config, "tiny"), tmp_path / "weights.json")
     assert manifest["sha256"] == models.sha256(file)
     assert manifest["num_classes"] == 10 and manifest["user_file"]
 
     stem = tmp_path / "base" / "model"
     metrics = steps.base_model(
-        config, "tiny", stem, tmp_path / "base" / "metrics.json", tmp_path / "weights.json"
+        resolve.base_model_step(config, "tiny"),
+        stem,
+        tmp_path / "base" / "metrics.json",
+        tmp_path / "weights.json",
     )
 
     assert no_training == [], "a pretrained model with the data set's class count was trained"
@@ -95,7 +99,9 @@ def test_pretrained_other_class_count_resets_the_head_and_trains(
     file = weights_file(tmp_path / "weights.safetensors", num_classes=5)
     config = study({"pretrained_file": str(file)})  # a file implies pretrained
     stem = tmp_path / "model"
-    metrics = steps.base_model(config, "tiny", stem, tmp_path / "metrics.json")
+    metrics = steps.base_model(
+        resolve.base_model_step(config, "tiny"), stem, tmp_path / "metrics.json"
+    )
     assert metrics["head"] == "reset" and no_training == [1]
     saved, source = load_file(str(stem.with_suffix(".safetensors"))), load_file(str(file))
     assert saved["head.weight"].shape == (10, 32)
@@ -106,24 +112,29 @@ def test_configured_sha256_must_match(tmp_path: Path) -> None:
     file = weights_file(tmp_path / "weights.safetensors")
     config = study({"pretrained_file": str(file), "sha256": "ab" * 32})
     with pytest.raises(models.CheckpointError) as err:
-        steps.download_weights(config, "tiny", tmp_path / "weights.json")
+        steps.download_weights(resolve.weights(config, "tiny"), tmp_path / "weights.json")
     message = one_line(err)
     assert "models[tiny]" in message and models.sha256(file) in message and "ab" * 32 in message
     assert not (tmp_path / "weights.json").exists()
 
     good = copy.deepcopy(config)
     good["models"][0]["sha256"] = models.sha256(file).upper()  # hex case does not matter
-    assert steps.download_weights(good, "tiny", tmp_path / "weights.json")["sha256"]
+    assert steps.download_weights(resolve.weights(good, "tiny"), tmp_path / "weights.json")[
+        "sha256"
+    ]
 
 
 def test_changed_file_after_download_is_refused(tmp_path: Path) -> None:
     file = weights_file(tmp_path / "weights.safetensors")
     config = study({"pretrained_file": str(file)})
-    steps.download_weights(config, "tiny", tmp_path / "weights.json")
+    steps.download_weights(resolve.weights(config, "tiny"), tmp_path / "weights.json")
     weights_file(file, num_classes=7)  # replaced behind the manifest's back
     with pytest.raises(models.CheckpointError) as err:
         steps.base_model(
-            config, "tiny", tmp_path / "m", tmp_path / "m.json", tmp_path / "weights.json"
+            resolve.base_model_step(config, "tiny"),
+            tmp_path / "m",
+            tmp_path / "m.json",
+            tmp_path / "weights.json",
         )
     assert "changed since download_weights" in one_line(err)
 
@@ -132,7 +143,7 @@ def test_unreadable_weights_file_fails_clearly(tmp_path: Path) -> None:
     file = tmp_path / "weights.safetensors"
     file.write_bytes(b"not weights")
     with pytest.raises(models.CheckpointError) as err:
-        models.pretrained_weights(study({"pretrained_file": str(file)})["models"][0])
+        models.pretrained_weights(resolve.weights(study({"pretrained_file": str(file)}), "tiny"))
     assert "not a readable weights file" in one_line(err)
 
 
@@ -140,7 +151,15 @@ def test_offline_without_the_file_fails_clearly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    missing = study({"pretrained_file": str(tmp_path / "nope.safetensors")})["models"][0]
+    path = tmp_path / "nope.safetensors"
+    # A file missing when the config is read is a config error before any job ...
+    with pytest.raises(ConfigError) as err:
+        study({"pretrained_file": str(path)})
+    assert "models.0.pretrained_file" in one_line(err) and "is not a file" in str(err.value)
+    # ... and one removed after it (between the check and the job) a CheckpointError in the job.
+    path.write_bytes(b"")
+    missing = resolve.weights(study({"pretrained_file": str(path)}), "tiny")
+    path.unlink()
     with pytest.raises(models.CheckpointError) as err:
         models.pretrained_weights(missing)
     assert "models[tiny].pretrained_file=" in one_line(err) and "no such file" in str(err.value)
@@ -148,7 +167,7 @@ def test_offline_without_the_file_fails_clearly(
     cache = tmp_path / "empty-cache"
     hub = study({"pretrained": True, "weights_cache": str(cache)})
     with pytest.raises(models.CheckpointError) as err:
-        steps.download_weights(hub, "tiny", tmp_path / "weights.json")
+        steps.download_weights(resolve.weights(hub, "tiny"), tmp_path / "weights.json")
     message = one_line(err)
     assert "models[tiny]" in message and TIMM in message and "HF_HUB_OFFLINE=1" in message
     assert "hf download timm/" in message  # how to fetch it where there is internet
@@ -167,7 +186,7 @@ def test_offline_reads_a_cached_hub_file(tmp_path: Path, monkeypatch: pytest.Mon
     snapshot = repo / "snapshots" / commit
     weights_file(snapshot / "model.safetensors", num_classes=1000)
     manifest = models.pretrained_weights(
-        study({"pretrained": True, "weights_cache": str(cache)})["models"][0]
+        resolve.weights(study({"pretrained": True, "weights_cache": str(cache)}), "tiny")
     )
     assert manifest["source"] == f"hf-hub:{hub_id}" and manifest["num_classes"] == 1000
     assert manifest["sha256"] == models.sha256(snapshot / "model.safetensors")
@@ -179,7 +198,7 @@ def test_url_weights_use_the_cache_offline(tmp_path: Path, monkeypatch: pytest.M
     cfg = {"url": url, "hf_hub_id": None, "num_classes": 10, "classifier": "head"}
     monkeypatch.setattr(models, "_pretrained_cfg", lambda name: cfg)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    entry = study({"pretrained": True, "weights_cache": str(tmp_path)})["models"][0]
+    entry = resolve.weights(study({"pretrained": True, "weights_cache": str(tmp_path)}), "tiny")
     with pytest.raises(models.CheckpointError) as err:
         models.pretrained_weights(entry)
     assert f"download {url} into {tmp_path}" in one_line(err)

@@ -114,6 +114,26 @@ def test_changed_method_settings_rerun_only_that_methods_chain(
     assert plans and all(json.loads(p.read_text())["pruner"]["round_to"] == 2 for p in plans)
 
 
+def test_a_method_section_value_reruns_exactly_that_methods_chain(
+    workdir: Path, first_run: Counter
+) -> None:
+    """icbs.block_size was a params trigger that the pruner never read from its params; now the
+    plan rule's params are the icbs settings themselves: the change reruns the icbs chain only,
+    and the new value is what the pruner used."""
+    assert sum(first_run.values()) > 0
+    cfg = yaml.safe_load(SMOKE.read_text())
+    overrides = {**FINETUNE_CHANGE, "method_settings": {"magnitude_l2": {"round_to": 2}}}
+    overrides["icbs"] = {"block_size": 8}
+    jobs = run_snakemake(workdir, overrides=overrides)
+    one_chain = len(cfg["seeds"]) * len(cfg["sparsities"]) * len(cfg["models"])
+    chain = {rule: one_chain for rule in ("plan", "prune", "finetune", "evaluate", "run_card")}
+    assert dict(jobs) == {**chain, "stats": 1, "paper": 1}
+    plans = list(workdir.glob("results/digits/*/icbs/*/*/plan.json"))
+    assert plans and all(json.loads(p.read_text())["pruner"]["block_size"] == 8 for p in plans)
+    logs = list(workdir.glob("results/logs/digits/*/icbs/*/*/prune.log"))
+    assert logs and all("'block_size': 8," in p.read_text() for p in logs)
+
+
 def test_bad_config_fails_before_any_job_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("finetune:\n  epochs: -1\n")
@@ -171,6 +191,7 @@ def test_no_api_key_reaches_any_artifact_or_log(
             tmp_path,
             overrides={
                 "methods": ["multi_agent"],
+                "paper": {"reference_method": "multi_agent"},
                 "seeds": [0],
                 "agents": {
                     "backend": "openai",

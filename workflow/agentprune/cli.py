@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad arguments early with a one-line ``parser.error`` (exit status 2)."""
-    from agentprune.pruning import methods
+    from agentprune.pruning import catalog
 
     if args.ratio is not None and not 0.0 < args.ratio < 1.0:
         parser.error(f"--ratio must be in (0, 1), got {args.ratio:g}")
@@ -131,8 +131,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         math.isfinite(args.target_gmacs) and args.target_gmacs > 0
     ):
         parser.error(f"--target-gmacs must be > 0, got {args.target_gmacs:g}")
-    if args.method not in methods.names():
-        parser.error(f"unknown method {args.method!r} (registered: {', '.join(methods.names())})")
+    if args.method not in catalog.names():
+        parser.error(f"unknown method {args.method!r} (registered: {', '.join(catalog.names())})")
     if args.config is not None and not Path(args.config).is_file():
         parser.error(f"--config file {args.config!r} not found")
     if args.seed < 0:
@@ -218,15 +218,12 @@ def _model_entry(config: dict[str, Any], model: str, pretrained: bool) -> dict[s
     entry["pretrained"] = pretrained
     if not pretrained:
         entry["pretrained_file"] = None  # --no-pretrained: a random initialisation, always
-    entry.setdefault("pretrained_file", None)
-    entry["overrides"] = dict(entry.get("overrides") or {})
-    entry["train"] = dict(entry.get("train") or {})
     return entry
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
     """``--config FILE``, else the repository's ``config/config.yaml``, else the schema defaults."""
-    from agentprune.config import load_config
+    from agentprune.resolve import load_config
 
     if path is not None:
         return load_config(path)
@@ -291,12 +288,20 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     elif args.finetune_epochs is not None:
         config["finetune"]["epochs"] = args.finetune_epochs
     config["methods"] = [args.method]
-    settings = dict(config.get("method_settings", {}).get(args.method, {}))
+    config["paper"]["reference_method"] = args.method  # the one method is its own reference
+    settings = dict(config["method_settings"].get(args.method, {}))
     if "published" not in settings and paper_published(args.method):
         settings["published"] = paper_published(args.method)
     settings.update(parse_method_settings(args.method_setting))
     config["method_settings"] = {args.method: settings} if settings else {}
     config["seeds"] = [args.seed]
+    from agentprune import resolve
+    from agentprune.config import with_defaults
+
+    # The CLI is an entry point: the one fill of the schema's defaults (a fresh models entry).
+    config = with_defaults(config)
+    # The method's settings now, before any data set, model or profile is built.
+    resolve.method_settings(config, args.method)
     return config
 
 
@@ -313,16 +318,20 @@ def run_prune(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any
     Raises:
         ValueError: if ``--target-gmacs`` is not below the base model's MACs.
     """
-    from agentprune import steps
-    from agentprune.pruning import methods
+    import dataclasses
+
+    from agentprune import resolve, steps
+    from agentprune.pruning import catalog
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_name = config["models"][0]["name"]
     steps.write_json(out / "config.json", config)
-    steps.prepare_dataset(config, out / "dataset.json")
+    steps.prepare_dataset(resolve.data(config), out / "dataset.json")
     base_stem = out / "base" / "model"
-    base = steps.base_model(config, model_name, base_stem, out / "base" / "metrics.json")
+    base = steps.base_model(
+        resolve.base_model_step(config, model_name), base_stem, out / "base" / "metrics.json"
+    )
     if args.target_gmacs is not None:
         ratio = 1.0 - args.target_gmacs * 1e9 / base["macs"]
         if not 0.0 < ratio < 1.0:
@@ -332,28 +341,28 @@ def run_prune(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any
             )
     else:
         ratio = float(args.ratio)
-    strategy = methods.get(args.method)
+    strategy = catalog.get(args.method)
     profile_json = out / "profile.json"
-    if getattr(strategy, "needs_profile", False):
-        steps.profile(config, base_stem, profile_json)
+    if strategy.needs_profile:
+        steps.profile(resolve.profile_step(config), base_stem, profile_json)
     else:
         steps.write_json(profile_json, {})
     plan_json = out / "plan.json"
-    steps.plan(
-        config,
-        args.method,
-        model_name,
-        ratio,
-        args.seed,
-        profile_json,
-        plan_json,
-        base_stem,
-        target_gmacs=args.target_gmacs,
-    )
+    plan_step = resolve.plan_step(config, args.method, model_name, ratio)
+    if args.target_gmacs is not None:  # the CLI's own target, not one of the config's
+        plan_step = dataclasses.replace(plan_step, target_gmacs=args.target_gmacs)
+    steps.plan(plan_step, args.seed, profile_json, plan_json, base_stem)
     pruned_stem, finetuned_stem = out / "pruned", out / "finetuned"
-    steps.prune(config, plan_json, base_stem, pruned_stem, out / "prune_report.json")
+    steps.prune(
+        resolve.prune_step(config), plan_json, base_stem, pruned_stem, out / "prune_report.json"
+    )
     steps.finetune(
-        config, plan_json, pruned_stem, base_stem, finetuned_stem, out / "finetune_report.json"
+        resolve.finetune_step(config, model_name),
+        plan_json,
+        pruned_stem,
+        base_stem,
+        finetuned_stem,
+        out / "finetune_report.json",
     )
     identity = {
         "dataset": config["dataset"]["name"],
@@ -362,7 +371,7 @@ def run_prune(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any
         "seed": args.seed,
     }
     return steps.evaluate(
-        config,
+        resolve.evaluate_step(config, model_name),
         identity,
         plan_json,
         out / "base" / "metrics.json",
@@ -406,11 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0 on success, 2 on bad input (a one-line ``agentprune: error:`` message on
         stderr). Argument errors exit through ``SystemExit(2)`` from argparse.
     """
-    from agentprune.config import ConfigError
     from agentprune.data import DataError
     from agentprune.models import CheckpointError
-    from agentprune.pruning.methods import UnknownMethodError
+    from agentprune.pruning.registry import UnknownMethodError
     from agentprune.pruning.structured import PruningError
+    from agentprune.settings import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)

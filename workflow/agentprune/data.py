@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from agentprune.settings import DataSettings
+
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
 # Fixed class counts; imagenet is absent on purpose: an ImageFolder's classes are its folders.
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
@@ -47,17 +49,17 @@ class Splits:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def num_classes(cfg: dict[str, Any]) -> int:
+def num_classes(cfg: DataSettings) -> int:
     """Number of classes of the configured data set.
 
     An ImageFolder's classes are its folders (a subset of ImageNet is as valid as the full 1000),
     so imagenet counts them instead of trusting ``NUM_CLASSES``.
     """
-    if cfg["name"] == "synthetic":
-        return int(cfg.get("synthetic_classes", 10))
-    if cfg["name"] == "imagenet":
+    if cfg.name == "synthetic":
+        return int(cfg.synthetic_classes)
+    if cfg.name == "imagenet":
         return len(check_image_folder(cfg))
-    return NUM_CLASSES[cfg["name"]]
+    return NUM_CLASSES[cfg.name]
 
 
 def stratified_split(
@@ -98,11 +100,11 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
-def _digits(cfg: dict[str, Any]) -> Splits:
+def _digits(cfg: DataSettings) -> Splits:
     """sklearn's bundled 8x8 digits, upsampled bilinearly to ``img_size`` and replicated to RGB."""
     pixels, labels = digits_arrays()
     images = torch.as_tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0
-    size = int(cfg["img_size"])
+    size = int(cfg.img_size)
     images = torch.nn.functional.interpolate(
         images, size=(size, size), mode="bilinear", align_corners=False
     )
@@ -111,23 +113,23 @@ def _digits(cfg: dict[str, Any]) -> Splits:
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     images = (images - mean) / std
     train, val, test = stratified_split(
-        labels, cfg["val_fraction"], cfg["test_fraction"], int(cfg["split_seed"])
+        labels, cfg.val_fraction, cfg.test_fraction, int(cfg.split_seed)
     )
     full = TensorDataset(images, torch.as_tensor(labels))
     return Splits(Subset(full, train), Subset(full, val), Subset(full, test), 10, size)
 
 
-def _synthetic(cfg: dict[str, Any]) -> Splits:
+def _synthetic(cfg: DataSettings) -> Splits:
     """Seeded random tensors: for structural runs (MACs targets) without any data."""
-    size = int(cfg["img_size"])
+    size = int(cfg.img_size)
     classes = num_classes(cfg)
-    n = int(cfg.get("synthetic_samples", 256))
-    gen = torch.Generator().manual_seed(int(cfg["split_seed"]))
+    n = int(cfg.synthetic_samples)
+    gen = torch.Generator().manual_seed(int(cfg.split_seed))
     x = torch.randn(n, 3, size, size, generator=gen)
     y = torch.randint(0, classes, (n,), generator=gen)
     full = TensorDataset(x, y)
-    n_test = max(1, int(n * cfg["test_fraction"]))
-    n_val = max(1, int(n * cfg["val_fraction"]))
+    n_test = max(1, int(n * cfg.test_fraction))
+    n_val = max(1, int(n * cfg.val_fraction))
     idx = np.arange(n)
     return Splits(
         Subset(full, idx[n_test + n_val :]),
@@ -153,14 +155,12 @@ def _torchvision_transforms(size: int, train: bool):
     return T.Compose([*ops, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _cifar(cfg: dict[str, Any], download: bool) -> Splits:
+def _cifar(cfg: DataSettings, download: bool) -> Splits:
     import torchvision
 
-    cls = (
-        torchvision.datasets.CIFAR10 if cfg["name"] == "cifar10" else torchvision.datasets.CIFAR100
-    )
-    root = Path(cfg.get("root") or "data")
-    size = int(cfg["img_size"])
+    cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+    root = Path(cfg.root or "data")
+    size = int(cfg.img_size)
     where = f"dataset.root={str(root)!r}"
     try:
         train_full = cls(
@@ -176,20 +176,20 @@ def _cifar(cfg: dict[str, Any], download: bool) -> Splits:
         # torchvision's "Dataset not found or corrupted": compute jobs never download, so the
         # hint points at the rule that does.
         raise DataError(
-            f"{where}: {cfg['name']} not found or corrupt; the download_data rule fetches it "
+            f"{where}: {cfg.name} not found or corrupt; the download_data rule fetches it "
             f"(needs internet) ({_first_line(err)})"
         ) from err
     except OSError as err:  # no network, disk full, permission denied while downloading
-        raise DataError(f"{where}: cannot download {cfg['name']} ({_first_line(err)})") from err
+        raise DataError(f"{where}: cannot download {cfg.name} ({_first_line(err)})") from err
     labels = np.asarray(train_full.targets)
-    rng = np.random.default_rng(int(cfg["split_seed"]))
+    rng = np.random.default_rng(int(cfg.split_seed))
     perm = rng.permutation(len(labels))
-    n_val = int(len(labels) * cfg["val_fraction"])
+    n_val = int(len(labels) * cfg.val_fraction)
     return Splits(
         Subset(train_full, np.sort(perm[n_val:])),
         Subset(eval_full, np.sort(perm[:n_val])),
         test,
-        NUM_CLASSES[cfg["name"]],
+        NUM_CLASSES[cfg.name],
         size,
     )
 
@@ -228,11 +228,11 @@ def _has_image(folder: Path) -> bool:
     return any(_has_image(Path(sub)) for sub in subfolders)
 
 
-def _imagenet_root(cfg: dict[str, Any]) -> Path:
-    from agentprune.config import IMAGENET_ENV, dataset_root
+def _imagenet_root(cfg: DataSettings) -> Path:
+    from agentprune.config import IMAGENET_ENV
 
-    # The same resolution as the config check: dataset.root, else $AGENTPRUNE_IMAGENET.
-    root = dataset_root(cfg)
+    # The entry point resolved dataset.root (else $AGENTPRUNE_IMAGENET) before any step.
+    root = cfg.root
     if not root:
         raise DataError(
             f"dataset.root is not set (nor ${IMAGENET_ENV}): imagenet needs an ImageFolder with "
@@ -241,7 +241,7 @@ def _imagenet_root(cfg: dict[str, Any]) -> Path:
     return Path(root).expanduser()
 
 
-def check_image_folder(cfg: dict[str, Any]) -> list[str]:
+def check_image_folder(cfg: DataSettings) -> list[str]:
     """Check that ``dataset.root`` is an ImageNet-style ImageFolder and return its class names.
 
     Checks, each failing with a one-line :class:`DataError` naming ``dataset.root``: the root is
@@ -318,12 +318,12 @@ class _Transformed(Dataset):
         return self.transform(image), label
 
 
-def _imagenet(cfg: dict[str, Any], data_config: dict[str, Any] | None) -> Splits:
+def _imagenet(cfg: DataSettings, data_config: dict[str, Any] | None) -> Splits:
     import torchvision
 
     classes = check_image_folder(cfg)
     root = _imagenet_root(cfg)
-    size = int(cfg["img_size"])
+    size = int(cfg.img_size)
     # The model's own config decides interpolation, mean/std and crop, but the size is the data
     # set's: every model of a study sees the same pixels count (overrides set img_size to match).
     dc = {**(data_config or default_data_config(size)), "input_size": (3, size, size)}
@@ -333,9 +333,9 @@ def _imagenet(cfg: dict[str, Any], data_config: dict[str, Any] | None) -> Splits
     train_full = _Transformed(images, _timm_transform(dc, True))
     eval_full = _Transformed(images, _timm_transform(dc, False))
     test = torchvision.datasets.ImageFolder(root / "val", _timm_transform(dc, False))
-    rng = np.random.default_rng(int(cfg["split_seed"]))
+    rng = np.random.default_rng(int(cfg.split_seed))
     perm = rng.permutation(len(train_full))
-    n_val = min(int(len(perm) * cfg["val_fraction"]), int(cfg.get("max_val_images", 10000)))
+    n_val = min(int(len(perm) * cfg.val_fraction), int(cfg.max_val_images))
     return Splits(
         Subset(train_full, np.sort(perm[n_val:])),
         Subset(eval_full, np.sort(perm[:n_val])),
@@ -346,7 +346,7 @@ def _imagenet(cfg: dict[str, Any], data_config: dict[str, Any] | None) -> Splits
 
 
 def load_splits(
-    cfg: dict[str, Any], download: bool = False, data_config: dict[str, Any] | None = None
+    cfg: DataSettings, download: bool = False, data_config: dict[str, Any] | None = None
 ) -> Splits:
     """Build the configured data set's train/val/test splits.
 
@@ -366,7 +366,7 @@ def load_splits(
     Raises:
         DataError: if the data set is unknown, missing or malformed.
     """
-    name = cfg["name"]
+    name = cfg.name
     if name == "digits":
         return _digits(cfg)
     if name == "synthetic":
@@ -378,16 +378,16 @@ def load_splits(
     raise DataError(f"dataset.name={name!r} is not one of {', '.join(DATASETS)}")
 
 
-def describe(cfg: dict[str, Any], splits: Splits) -> dict[str, Any]:
+def describe(cfg: DataSettings, splits: Splits) -> dict[str, Any]:
     """A JSON-able description of a data set, written by the download rule."""
     out: dict[str, Any] = {
-        "name": cfg["name"],
+        "name": cfg.name,
         "img_size": splits.img_size,
         "num_classes": splits.num_classes,
         "splits": splits.sizes(),
-        "split_seed": int(cfg["split_seed"]),
+        "split_seed": int(cfg.split_seed),
     }
-    if cfg["name"] == "imagenet":
+    if cfg.name == "imagenet":
         out["root"] = str(_imagenet_root(cfg).resolve())
     test = splits.test
     if isinstance(test, Subset):

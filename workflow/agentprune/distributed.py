@@ -122,14 +122,15 @@ def requested_processes(gpus: int | str | None) -> int:
     return max(1, min(n, torch.cuda.device_count()))
 
 
-def launch(step: str, kwargs: dict[str, Any], nproc: int, cpu: bool = False) -> None:
-    """Run ``agentprune.steps.<step>(**kwargs)`` under torchrun with ``nproc`` processes.
+def launch(entry: str, kwargs: dict[str, Any], nproc: int, cpu: bool = False) -> None:
+    """Run the function ``entry`` (``module:function``) with ``kwargs`` under torchrun with
+    ``nproc`` processes.
 
     The workers' output is copied line by line to this process's ``sys.stdout`` (the rule's log
     when called inside :func:`agentprune.steps.logged`).
 
     Args:
-        step: name of a function in :mod:`agentprune.steps`.
+        entry: the worker function, e.g. ``agentprune.steps:finetune_worker``.
         kwargs: its JSON-serialisable keyword arguments.
         nproc: processes on this node.
         cpu: force CPU workers (gloo), e.g. for tests on a machine without GPUs.
@@ -148,7 +149,7 @@ def launch(step: str, kwargs: dict[str, Any], nproc: int, cpu: bool = False) -> 
             f"--nproc_per_node={nproc}",
             "-m",
             "agentprune.distributed",
-            step,
+            entry,
             str(args),
         ]
         env = {**os.environ, LAUNCHED_ENV: "1"}
@@ -158,7 +159,7 @@ def launch(step: str, kwargs: dict[str, Any], nproc: int, cpu: bool = False) -> 
         env["PYTHONPATH"] = os.pathsep.join(
             [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
         ).rstrip(os.pathsep)
-        print(f"launching {step} on {nproc} processes: {' '.join(cmd)}", flush=True)
+        print(f"launching {entry} on {nproc} processes: {' '.join(cmd)}", flush=True)
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -167,18 +168,22 @@ def launch(step: str, kwargs: dict[str, Any], nproc: int, cpu: bool = False) -> 
             sys.stdout.write(line)
         sys.stdout.flush()
         if proc.wait() != 0:
-            raise RuntimeError(f"torchrun {step} failed with exit status {proc.returncode}")
+            raise RuntimeError(f"torchrun {entry} failed with exit status {proc.returncode}")
 
 
 def _main(argv: list[str]) -> int:
-    """Worker entry point of :func:`launch`: ``<step> <kwargs.json>``."""
-    from agentprune import steps
+    """Worker entry point of :func:`launch`: ``<module:function> <kwargs.json>``.
 
-    step, args = argv
+    The function is found by name at run time, so this module imports no step (no import cycle
+    through the launcher)."""
+    import importlib
+
+    entry, args = argv
+    module, _, function = entry.partition(":")
     kwargs = json.loads(Path(args).read_text())
     info = init_from_env()
     try:
-        getattr(steps, step)(**kwargs)
+        getattr(importlib.import_module(module), function)(**kwargs)
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()

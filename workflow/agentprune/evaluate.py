@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from agentprune import data
+from agentprune.settings import EvaluateSettings
 
 
 @torch.no_grad()
@@ -123,7 +124,7 @@ def evaluate_model(
     model: nn.Module,
     test_set: Dataset,
     img_size: int,
-    cfg: dict[str, Any],
+    cfg: EvaluateSettings,
     known_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Everything a run reports about one model: accuracy, size, sparsity, speed.
@@ -132,7 +133,7 @@ def evaluate_model(
         model: the model.
         test_set: the held-out split.
         img_size: input side.
-        cfg: the ``evaluate`` config section.
+        cfg: the ``evaluate`` settings.
         known_size: (MACs, params) already counted with Torch-Pruning on this architecture (by the
             prune step). Fine-tuning cannot change shapes, so the MACs are reused; the parameter
             count is re-checked. None: count both here.
@@ -140,7 +141,7 @@ def evaluate_model(
     Raises:
         ValueError: if the model's parameter count differs from ``known_size``.
     """
-    out: dict[str, Any] = dict(accuracy(model, test_set, int(cfg.get("batch_size", 256))))
+    out: dict[str, Any] = dict(accuracy(model, test_set, cfg.batch_size))
     if known_size is None:
         macs, params = macs_params(model, img_size)
     else:
@@ -157,10 +158,10 @@ def evaluate_model(
         timing(
             model,
             img_size,
-            int(cfg.get("latency_batch", 1)),
-            int(cfg.get("throughput_batch", 64)),
-            int(cfg.get("warmup", 3)),
-            int(cfg.get("repeats", 10)),
+            cfg.latency_batch,
+            cfg.throughput_batch,
+            cfg.warmup,
+            cfg.repeats,
         )
     )
     return out

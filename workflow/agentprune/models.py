@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from agentprune.settings import WeightsEntry
+
 FORMAT = "agentprune.model/v1"
 # The top-level keys of a structure file, in the order save writes them.
 STRUCTURE_KEYS = ("format", "timm_name", "num_classes", "overrides", "modules", "sha256", "extra")
@@ -117,10 +119,10 @@ def _pretrained_cfg(name: str) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def _has_pretrained_cfg(entry: dict[str, Any]) -> bool:
+def _has_pretrained_cfg(entry: WeightsEntry) -> bool:
     import timm.models
 
-    return timm.models.get_pretrained_cfg(entry["timm"], allow_unregistered=False) is not None
+    return timm.models.get_pretrained_cfg(entry.timm, allow_unregistered=False) is not None
 
 
 def _fetch_hf(hub_id: str, filename: str | None, cache_dir: str | None, local_only: bool) -> Path:
@@ -170,7 +172,7 @@ def _fetch_url(url: str, cache_dir: str | None, local_only: bool) -> Path:
     return dest
 
 
-def fetch_pretrained(entry: dict[str, Any]) -> tuple[Path, str]:
+def fetch_pretrained(entry: WeightsEntry) -> tuple[Path, str]:
     """Download (or find in the cache) the pretrained weights file of a ``models`` entry.
 
     Sources, in timm's order of preference: ``pretrained_file`` (local, never downloaded), the
@@ -179,7 +181,7 @@ def fetch_pretrained(entry: dict[str, Any]) -> tuple[Path, str]:
     With ``HF_HUB_OFFLINE=1`` only the cache is read.
 
     Args:
-        entry: a ``models`` entry of the config.
+        entry: the weights part of a ``models`` entry.
 
     Returns:
         The local file and a description of where it came from.
@@ -187,19 +189,19 @@ def fetch_pretrained(entry: dict[str, Any]) -> tuple[Path, str]:
     Raises:
         CheckpointError: one line naming the model and how to fetch its weights.
     """
-    label = f"models[{entry['name']}]"
-    if entry.get("pretrained_file"):
-        path = Path(entry["pretrained_file"]).expanduser()
+    label = f"models[{entry.name}]"
+    if entry.pretrained_file:
+        path = Path(entry.pretrained_file).expanduser()
         if not path.is_file():
             raise CheckpointError(f"{label}.pretrained_file={str(path)!r}: no such file")
         return path.resolve(), f"file:{path.resolve()}"
-    cfg = _pretrained_cfg(entry["timm"])
-    cache = entry.get("weights_cache")
+    cfg = _pretrained_cfg(entry.timm)
+    cache = entry.weights_cache
     cache = str(Path(cache).expanduser()) if cache else None
     local_only = offline()
     hub_id, url = cfg.get("hf_hub_id"), cfg.get("url")
     if not hub_id and not url:
-        raise CheckpointError(f"{label}: timm has no hub or URL weights for {entry['timm']!r}")
+        raise CheckpointError(f"{label}: timm has no hub or URL weights for {entry.timm!r}")
     try:
         if hub_id:
             return _fetch_hf(hub_id, cfg.get("hf_hub_filename"), cache, local_only), (
@@ -215,12 +217,12 @@ def fetch_pretrained(entry: dict[str, Any]) -> tuple[Path, str]:
             how = f"download {url} into {cache or '$TORCH_HOME/hub/checkpoints'}"
         if local_only:
             raise CheckpointError(
-                f"{label}: pretrained weights of {entry['timm']!r} ({where}) are not in the cache "
+                f"{label}: pretrained weights of {entry.timm!r} ({where}) are not in the cache "
                 f"and HF_HUB_OFFLINE=1; on a machine with internet and the same cache, {how} "
                 "(or `snakemake --until download_weights`), or set models[].pretrained_file"
             ) from err
         raise CheckpointError(
-            f"{label}: cannot fetch pretrained weights of {entry['timm']!r} from {where} "
+            f"{label}: cannot fetch pretrained weights of {entry.timm!r} from {where} "
             f"({_first_line(err)}); {how} where there is internet, or set "
             "models[].pretrained_file"
         ) from err
@@ -234,7 +236,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return load_state_dict(str(path), use_ema=True, weights_only=True)
 
 
-def pretrained_weights(entry: dict[str, Any]) -> dict[str, Any]:
+def pretrained_weights(entry: WeightsEntry) -> dict[str, Any]:
     """Fetch and verify the pretrained weights of a ``models`` entry; describe them.
 
     Verification: the file loads as a state dict of tensors; its SHA-256 is computed and, when
@@ -251,7 +253,7 @@ def pretrained_weights(entry: dict[str, Any]) -> dict[str, Any]:
     Raises:
         CheckpointError: one line, if the weights cannot be fetched, read or do not match.
     """
-    label = f"models[{entry['name']}]"
+    label = f"models[{entry.name}]"
     path, source = fetch_pretrained(entry)
     try:
         state = read_weights(path)
@@ -262,15 +264,15 @@ def pretrained_weights(entry: dict[str, Any]) -> dict[str, Any]:
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{label}: {path} holds no state dict of tensors")
     digest = sha256(path)
-    expected = entry.get("sha256")
+    expected = entry.sha256
     if expected and expected.lower() != digest:
         raise CheckpointError(
             f"{label}: sha256 of {path} is {digest}, but models[].sha256 expects {expected.lower()}"
         )
-    user_file = bool(entry.get("pretrained_file"))
+    user_file = bool(entry.pretrained_file)
     # A user's file may be for an architecture timm has no weights of: then nothing is known of
     # its classifier beyond what the file says.
-    cfg = _pretrained_cfg(entry["timm"]) if not user_file or _has_pretrained_cfg(entry) else {}
+    cfg = _pretrained_cfg(entry.timm) if not user_file or _has_pretrained_cfg(entry) else {}
     classes = cfg.get("num_classes")
     if user_file:
         # A user's checkpoint may be for any label set: its classifier's rows say which.
@@ -279,8 +281,8 @@ def pretrained_weights(entry: dict[str, Any]) -> dict[str, Any]:
         rows = [state[h + ".weight"].shape[0] for h in heads if h + ".weight" in state]
         classes = rows[0] if rows else None
     return {
-        "model": entry["name"],
-        "timm": entry["timm"],
+        "model": entry.name,
+        "timm": entry.timm,
         "source": source,
         "file": str(path),
         "sha256": digest,

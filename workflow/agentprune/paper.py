@@ -26,6 +26,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from scipy import stats as sps
 
 from agentprune.benchmarks import STEPS  # the per-run steps, in pipeline order
+from agentprune.settings import PaperSettings
 
 matplotlib.use("Agg")
 
@@ -570,32 +571,37 @@ def _table_context(
 
 
 def _write(path: Path, text: str) -> Path:
-    """Write UTF-8 text ending in exactly one newline."""
+    """Write UTF-8 text ending in exactly one newline (its folder created if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
     return path
 
 
+def table_paths(out_dir: str | Path, stem: str, formats: Sequence[str] = TABLE_FORMATS) -> dict:
+    """``{fmt: out_dir/<stem>.<fmt>}``: where a table's files go when a caller (a test, the CLI)
+    picks a folder instead of the workflow's named outputs."""
+    return {fmt: Path(out_dir) / f"{stem}.{fmt}" for fmt in formats}
+
+
 def render_tables(
     summary: pd.DataFrame,
-    out_dir: str | Path,
+    paths: Mapping[str, str | Path],
     templates_dir: str | Path,
     reference_method: str = "isomorphic",
     references: list[dict] | None = None,
-    stem: str = "results",
     title: str = "Pruning results.",
     caption: str | None = None,
     ablations: Mapping[str, str] | None = None,
     comparisons: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """Render ``<stem>.md``, ``<stem>.tex`` and ``<stem>.html`` into ``out_dir``.
+    """Render the table as Markdown, LaTeX and HTML to ``paths``.
 
     Args:
         summary: ``summary.csv`` of :mod:`agentprune.stats`.
-        out_dir: Output directory (created if needed).
+        paths: ``{"md": ..., "tex": ..., "html": ...}``: where each format goes.
         templates_dir: Directory with ``table.md.j2``, ``table.tex.j2``, ``table.html.j2``.
         reference_method: Method that the ``Δ`` column compares against.
         references: Published reference rows (see :func:`table_rows`).
-        stem: File name stem of the three tables.
         title: The table's title.
         caption: The caption (None: the structured results caption).
         ablations: method -> its ablation (see :func:`table_rows`).
@@ -613,14 +619,10 @@ def render_tables(
     if caption is not None:
         context["caption"] = caption
     env = make_environment(templates_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    for fmt in TABLE_FORMATS:
-        path = out / f"{stem}.{fmt}"
-        _write(path, env.get_template(f"table.{fmt}.j2").render(**context))
-        paths.append(path)
-    return paths
+    return [
+        _write(Path(paths[fmt]), env.get_template(f"table.{fmt}.j2").render(**context))
+        for fmt in TABLE_FORMATS
+    ]
 
 
 def family_frame(frame: pd.DataFrame, family: str) -> pd.DataFrame:
@@ -642,13 +644,13 @@ def _sparsity_caption(datasets: Sequence[str]) -> str:
 
 
 def render_comparisons(
-    comparisons: pd.DataFrame, out_dir: str | Path, templates_dir: str | Path
+    comparisons: pd.DataFrame, paths: Mapping[str, str | Path], templates_dir: str | Path
 ) -> tuple[Path, Path]:
-    """Render ``comparisons.md`` and ``comparisons.html`` into ``out_dir``.
+    """Render the comparisons table as Markdown and HTML to ``paths``.
 
     Args:
         comparisons: ``comparisons.csv`` of :mod:`agentprune.stats` (may be empty).
-        out_dir: Output directory (created if needed).
+        paths: ``{"md": ..., "html": ...}``.
         templates_dir: Directory with ``comparisons.md.j2`` and ``comparisons.html.j2``.
 
     Returns:
@@ -656,14 +658,12 @@ def render_comparisons(
     """
     rows = comparison_rows(comparisons)
     datasets = _datasets(comparisons)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     env = make_environment(templates_dir)
     written = []
     for ext in ("md", "html"):
         template = env.get_template(f"comparisons.{ext}.j2")
         text = template.render(rows=rows, show_dataset=len(datasets) > 1)
-        written.append(_write(out / f"comparisons.{ext}", text))
+        written.append(_write(Path(paths[ext]), text))
     return written[0], written[1]
 
 
@@ -994,87 +994,102 @@ def _read_csv(path: str | Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
+PAPER_OUTPUTS = (
+    "results_md",
+    "results_tex",
+    "results_html",
+    "comparisons_md",
+    "comparisons_html",
+    "unstructured_md",
+    "unstructured_tex",
+    "unstructured_html",
+    "accuracy_vs_sparsity",
+    "accuracy_vs_macs",
+    "method_comparison",
+    "time_per_step",
+    "time_memory_per_step",
+)
+"""The paper's files by name: the paper rule's named outputs, and the keys of
+:func:`render_paper`'s ``outputs``."""
+
+
+def paper_paths(out_dir: str | Path) -> dict[str, Path]:
+    """Where :func:`render_paper` writes under one folder when no workflow names the outputs:
+    ``tables/<name>.<fmt>`` and ``figures/<name>.png`` (the workflow's own layout)."""
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+    for name in PAPER_OUTPUTS:
+        stem, _, fmt = name.rpartition("_")
+        if fmt in TABLE_FORMATS:
+            paths[name] = out / "tables" / f"{stem}.{fmt}"
+        else:
+            paths[name] = out / "figures" / f"{name}.png"
+    return paths
+
+
 def render_paper(
     runs_csv: str | Path,
     summary_csv: str | Path,
     comparisons_csv: str | Path,
-    out_dir: str | Path,
+    outputs: Mapping[str, str | Path],
     templates_dir: str | Path,
-    reference_method: str = "isomorphic",
-    references: list[dict] | None = None,
+    settings: PaperSettings,
     benchmarks_csv: str | Path | None = None,
-    ablations: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
-    """Write the paper's tables and figures.
+    """Write the paper's tables and figures to the paths ``outputs`` names.
 
-    Layout under ``out_dir``: ``tables/results.{md,tex,html}`` (structured methods),
-    ``tables/unstructured.{md,tex,html}`` (unstructured methods), ``tables/comparisons.{md,html}``,
-    ``figures/accuracy_vs_macs.png``, ``figures/accuracy_vs_sparsity.png``,
-    ``figures/method_comparison.png``, ``figures/time_per_step.png``,
-    ``figures/time_memory_per_step.png``.
+    Tables: ``results_*`` (structured methods), ``unstructured_*``, ``comparisons_*``; figures:
+    ``accuracy_vs_macs``, ``accuracy_vs_sparsity``, ``method_comparison``, ``time_per_step``,
+    ``time_memory_per_step`` (see :data:`PAPER_OUTPUTS`).
 
     Args:
         runs_csv: ``runs.csv`` of :mod:`agentprune.stats`.
         summary_csv: ``summary.csv``.
         comparisons_csv: ``comparisons.csv``.
-        out_dir: Output directory (``results/paper``).
+        outputs: Every name of :data:`PAPER_OUTPUTS` -> its path (the paper rule's outputs, or
+            :func:`paper_paths`).
         templates_dir: Directory with the ``*.j2`` templates.
-        reference_method: Method that the table's ``Δ`` column compares against.
-        references: Published reference rows (see :func:`table_rows`).
+        settings: The Δ reference method, the published reference rows, method -> ablation.
         benchmarks_csv: ``benchmarks.csv`` of :mod:`agentprune.benchmarks` (job wall time and
             peak memory); without it the time and memory figure says so.
-        ablations: method -> its ablation, paired in the results table's Δ ablation column.
 
     Returns:
-        Paths keyed ``results_md``, ``results_tex``, ``results_html``, ``unstructured_md``,
-        ``unstructured_tex``, ``unstructured_html``, ``comparisons_md``, ``comparisons_html``,
-        ``accuracy_vs_macs``,
-        ``accuracy_vs_sparsity``, ``method_comparison``, ``time_per_step``,
-        ``time_memory_per_step``.
+        The written paths, keyed like ``outputs``.
     """
-    out = Path(out_dir)
-    tables, figures = out / "tables", out / "figures"
+    paths = {name: Path(outputs[name]) for name in PAPER_OUTPUTS}
+
+    def formats(stem: str, fmts: Sequence[str] = TABLE_FORMATS) -> dict[str, Path]:
+        return {fmt: paths[f"{stem}_{fmt}"] for fmt in fmts}
+
     runs = _read_csv(runs_csv)
     summary = _read_csv(summary_csv)
     comparisons = _read_csv(comparisons_csv)
-    md, tex, html = render_tables(
+    render_tables(
         family_frame(summary, "structured"),
-        tables,
+        formats("results"),
         templates_dir,
-        reference_method,
-        references,
-        ablations=ablations,
+        settings.reference_method,
+        settings.references,
+        ablations=settings.ablations,
         comparisons=comparisons,
     )
     sparse = family_frame(summary, "unstructured")
-    u_md, u_tex, u_html = render_tables(
+    render_tables(
         sparse,
-        tables,
+        formats("unstructured"),
         templates_dir,
         "wanda",
         [],
-        stem="unstructured",
         title="Unstructured pruning (iCBS, Wanda, magnitude).",
         caption=_sparsity_caption(_datasets(sparse)),
     )
-    comparisons_md, comparisons_html = render_comparisons(comparisons, tables, templates_dir)
-    return {
-        "results_md": md,
-        "results_tex": tex,
-        "results_html": html,
-        "unstructured_md": u_md,
-        "unstructured_tex": u_tex,
-        "unstructured_html": u_html,
-        "accuracy_vs_sparsity": plot_accuracy_vs_sparsity(
-            runs, figures / "accuracy_vs_sparsity.png"
-        ),
-        "comparisons_md": comparisons_md,
-        "comparisons_html": comparisons_html,
-        "accuracy_vs_macs": plot_accuracy_vs_macs(runs, figures / "accuracy_vs_macs.png"),
-        "method_comparison": plot_method_comparison(runs, figures / "method_comparison.png"),
-        "time_per_step": plot_time_per_step(runs, figures / "time_per_step.png"),
-        "time_memory_per_step": plot_time_memory_per_step(
-            _read_csv(benchmarks_csv) if benchmarks_csv else pd.DataFrame(),
-            figures / "time_memory_per_step.png",
-        ),
-    }
+    render_comparisons(comparisons, formats("comparisons", ("md", "html")), templates_dir)
+    plot_accuracy_vs_sparsity(runs, paths["accuracy_vs_sparsity"])
+    plot_accuracy_vs_macs(runs, paths["accuracy_vs_macs"])
+    plot_method_comparison(runs, paths["method_comparison"])
+    plot_time_per_step(runs, paths["time_per_step"])
+    plot_time_memory_per_step(
+        _read_csv(benchmarks_csv) if benchmarks_csv else pd.DataFrame(),
+        paths["time_memory_per_step"],
+    )
+    return paths

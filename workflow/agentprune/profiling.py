@@ -17,6 +17,7 @@ from torch import nn
 
 from agentprune.pruning import structured
 from agentprune.pruning.settings import GROUP_KINDS
+from agentprune.settings import ProfileSettings
 
 # Module-name globs per breakdown kind, first match wins. Names follow timm's ViT/DeiT/ConvNeXt.
 BREAKDOWN_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -249,7 +250,7 @@ def profile_model(
     model: nn.Module,
     example_inputs: torch.Tensor,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    cfg: dict[str, Any],
+    cfg: ProfileSettings,
 ) -> dict[str, Any]:
     """Everything the planners read about a base model.
 
@@ -257,7 +258,7 @@ def profile_model(
         model: the base model.
         example_inputs: a batch-1 input.
         batches: calibration batches (from the validation split).
-        cfg: the ``profile`` config section (``sensitivity_ratios``, ``max_loss_increase``,
+        cfg: the profile settings (``sensitivity_ratios``, ``max_loss_increase``,
             ``bound_floor``, ``bound_ceiling``).
 
     Returns:
@@ -267,14 +268,14 @@ def profile_model(
     model = copy.deepcopy(model).eval()
     macs, params = structured.count_macs(model, example_inputs)
     groups = dependency_groups(model, example_inputs)
-    sens = sensitivity(model, example_inputs, batches, cfg["sensitivity_ratios"], groups["groups"])
+    sens = sensitivity(model, example_inputs, batches, cfg.sensitivity_ratios, groups["groups"])
     bounds = {
         kind: safety_bound(
             info["ratios"],
             info["loss_increase"],
-            float(cfg["max_loss_increase"]),
-            float(cfg["bound_floor"]),
-            float(cfg["bound_ceiling"]),
+            float(cfg.max_loss_increase),
+            float(cfg.bound_floor),
+            float(cfg.bound_ceiling),
         )
         for kind, info in sens["kinds"].items()
     }
@@ -291,8 +292,8 @@ def profile_model(
         "safety_bounds": {
             "max_ratio": bounds,
             "rule": (
-                f"largest ratio whose calibration-loss increase is <= {cfg['max_loss_increase']} "
-                f"(interpolated), clipped to [{cfg['bound_floor']}, {cfg['bound_ceiling']}]"
+                f"largest ratio whose calibration-loss increase is <= {cfg.max_loss_increase} "
+                f"(interpolated), clipped to [{cfg.bound_floor}, {cfg.bound_ceiling}]"
             ),
         },
         "seconds": time.perf_counter() - start,

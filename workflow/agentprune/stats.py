@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from agentprune.settings import StatsSettings
+
 IDENTITY_KEYS = ("dataset", "model", "method", "family", "ratio", "seed")
 """Keys every ``metrics.json`` must have."""
 
@@ -326,37 +328,31 @@ def compare(runs: pd.DataFrame, metric: str = "top1", alpha: float = 0.05) -> pd
 
 
 def write_stats(
-    paths: Iterable[str | Path],
-    out_dir: str | Path,
-    confidence: float = 0.95,
-    alpha: float = 0.05,
+    paths: Iterable[str | Path], outputs: Mapping[str, str | Path], settings: StatsSettings
 ) -> dict[str, Path]:
-    """Write ``runs.csv``, ``summary.csv`` and ``comparisons.csv`` into ``out_dir``.
+    """Write ``runs``, ``summary`` and ``comparisons`` to the paths ``outputs`` names (the stats
+    rule's named outputs; other keys are ignored).
 
-    ``comparisons.csv`` holds :func:`compare` for each metric of :data:`COMPARE_METRICS`
-    (``top1``, then ``top1_pruned``); it always has a header row.
+    ``comparisons`` holds :func:`compare` for each metric of :data:`COMPARE_METRICS` (``top1``,
+    then ``top1_pruned``); it always has a header row.
 
     Args:
         paths: The runs' ``metrics.json`` files.
-        out_dir: Output directory (created if needed).
-        confidence: Confidence level of the summary intervals.
-        alpha: Family-wise significance level of the comparisons.
+        outputs: Where each table goes (``runs``, ``summary``, ``comparisons``).
+        settings: The confidence level of the summary intervals and the family-wise
+            significance level of the comparisons.
 
     Returns:
         The written files, keyed ``runs``, ``summary`` and ``comparisons``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    written = {name: Path(outputs[name]) for name in ("runs", "summary", "comparisons")}
+    for path in written.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
     runs = load_runs(paths)
-    summary = summarize(runs, confidence=confidence)
-    frames = [compare(runs, metric=m, alpha=alpha) for m in COMPARE_METRICS]
+    summary = summarize(runs, confidence=settings.confidence)
+    frames = [compare(runs, metric=m, alpha=settings.alpha) for m in COMPARE_METRICS]
     nonempty = [f for f in frames if len(f)]
     comparisons = pd.concat(nonempty, ignore_index=True) if nonempty else frames[0]
-    written = {
-        "runs": out / "runs.csv",
-        "summary": out / "summary.csv",
-        "comparisons": out / "comparisons.csv",
-    }
     runs.to_csv(written["runs"], index=False)
     summary.to_csv(written["summary"], index=False)
     comparisons.to_csv(written["comparisons"], index=False)

@@ -13,11 +13,24 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agentprune.pruning import methods
+from agentprune.pruning import catalog
+from agentprune.pruning.registry import PlanContext
+from agentprune.settings import (
+    BaseModelStep,
+    DataSettings,
+    EvaluateStep,
+    FinetuneStep,
+    PlanStep,
+    ProfileStep,
+    PruneStep,
+    WeightsEntry,
+    build,
+    plain,
+)
 
 # torch, timm and the data sets are imported inside the steps that use them: the plan step and the
 # Snakefile's config check then start in a fraction of a second.
@@ -64,25 +77,17 @@ def logged(log: str | Path | None, threads: int | None = None) -> Iterator[None]
             raise
 
 
-def model_config(config: dict[str, Any], name: str) -> dict[str, Any]:
-    """The ``models`` entry called ``name``."""
-    for entry in config["models"]:
-        if entry["name"] == name:
-            return entry
-    raise KeyError(f"model {name!r} is not in config.models")
-
-
-def _num_classes(config: dict[str, Any]) -> int:
+def _num_classes(settings: DataSettings) -> int:
     from agentprune import data
 
-    return data.num_classes(config["dataset"])
+    return data.num_classes(settings)
 
 
 def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def prepare_dataset(config: dict[str, Any], out_json: str | Path) -> dict[str, Any]:
+def prepare_dataset(settings: DataSettings, out_json: str | Path) -> dict[str, Any]:
     """The download step for data: fetch (where the data set is downloadable) and describe the
     splits.
 
@@ -92,31 +97,37 @@ def prepare_dataset(config: dict[str, Any], out_json: str | Path) -> dict[str, A
     """
     from agentprune import data
 
-    splits = data.load_splits(config["dataset"], download=True)
-    desc = data.describe(config["dataset"], splits)
+    splits = data.load_splits(settings, download=True)
+    desc = data.describe(settings, splits)
     write_json(out_json, desc)
     return desc
 
 
 def download_weights(
-    config: dict[str, Any], model_name: str, out_json: str | Path
+    entry: WeightsEntry, out_json: str | Path, link: str | Path | None = None
 ) -> dict[str, Any]:
     """The download step for pretrained weights: fetch into the cache, verify, write a manifest.
 
     Runs on the login node (a local rule); ``base_model`` then reads only the manifest's file, so
-    compute jobs never touch the network. Honours ``HF_HUB_OFFLINE=1`` (cache only).
+    compute jobs never touch the network. Honours ``HF_HUB_OFFLINE=1`` (cache only). ``link``,
+    when given, becomes a symbolic link to the verified file (the workflow's record of it, whose
+    size the cluster profile sizes the base-model job by).
     """
     from agentprune import models
 
-    manifest = models.pretrained_weights(model_config(config, model_name))
+    manifest = models.pretrained_weights(entry)
+    if link is not None:
+        link = Path(link)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(manifest["file"]).resolve())
     write_json(out_json, manifest)
-    _print(f"weights {model_name}: {manifest['source']} sha256 {manifest['sha256']}")
+    _print(f"weights {entry.name}: {manifest['source']} sha256 {manifest['sha256']}")
     return manifest
 
 
 def base_model(
-    config: dict[str, Any],
-    model_name: str,
+    step: BaseModelStep,
     out_stem: str | Path,
     metrics_json: str | Path,
     weights_json: str | Path | None = None,
@@ -127,9 +138,8 @@ def base_model(
     ``weights_json`` (written by :func:`download_weights`; without it the weights are fetched
     here). When the data set's class count equals the weights' classifier width, the model is
     used as is: no training, weights bit-identical to the file. Otherwise timm re-initialises the
-    classifier and the whole model is fine-tuned with the model's training settings
-    (``base_training`` + ``models[].train``). Models without pretrained weights are trained from
-    scratch with the same settings.
+    classifier and the whole model is fine-tuned with the model's training settings. Models
+    without pretrained weights are trained from scratch with the same settings.
 
     Writes ``<out_stem>.safetensors``/``.json`` (the structure's ``extra`` holds the weights
     manifest and, for pretrained models, timm's data config) and the base ``metrics.json`` (test
@@ -138,25 +148,23 @@ def base_model(
     from agentprune import data, models, train
     from agentprune import evaluate as ev
 
-    entry = model_config(config, model_name)
-    pretrained = bool(entry.get("pretrained") or entry.get("pretrained_file"))
+    entry = step.model
     weights_info: dict[str, Any] | None = None
-    if pretrained:
+    if entry.is_pretrained:
         if weights_json is not None:
             weights_info = read_json(weights_json)
             models.check_weights(weights_info)
         else:
             weights_info = models.pretrained_weights(entry)
     # Counted from the data itself (an ImageFolder's class folders), never from a constant.
-    num_classes = _num_classes(config)
-    hp = {**config["base_training"], **(entry.get("train") or {})}
+    num_classes = _num_classes(step.data)
     # Weight initialisation draws from torch's global generator: seed before creating the model.
-    train.seed_everything(int(hp.get("seed", 0)))
+    train.seed_everything(step.seed)
     start = time.perf_counter()
     model = models.create(
-        entry["timm"],
+        entry.timm,
         num_classes,
-        entry.get("overrides"),
+        entry.overrides,
         pretrained_file=weights_info["file"] if weights_info else None,
         pretrained_num_classes=(
             weights_info["num_classes"] if weights_info and weights_info["user_file"] else None
@@ -167,37 +175,36 @@ def base_model(
         head = "pretrained" if weights_info["num_classes"] == num_classes else "reset"
     # Pretrained weights come with timm's eval transform (interpolation, crop, mean/std); models
     # trained here use the data set's default so that every step of their runs sees the same.
-    dcfg = models.data_config(model, int(config["dataset"]["img_size"])) if pretrained else None
-    splits = data.load_splits(config["dataset"], data_config=dcfg)
-    report: dict[str, Any] = {"pretrained": pretrained, "head": head}
+    dcfg = models.data_config(model, step.data.img_size) if entry.is_pretrained else None
+    splits = data.load_splits(step.data, data_config=dcfg)
+    report: dict[str, Any] = {"pretrained": entry.is_pretrained, "head": head}
     base_checkpoints = Path(str(out_stem) + ".ckpt")
     if head != "pretrained":
-        cfg = train.TrainConfig.from_config(hp)
-        if cfg.epochs > 0:  # epochs 0: keep the initial weights (structural runs)
+        if step.training.epochs > 0:  # epochs 0: keep the initial weights (structural runs)
             # Per-epoch checkpoints next to the outputs: a base training killed by the cluster
             # (time limit, preemption) resumes from its last epoch on the retry.
             report["train"] = train.train(
                 model,
                 splits.train,
-                cfg,
-                seed=int(hp.get("seed", 0)),
+                step.training,
+                seed=step.seed,
                 log=_print,
                 checkpoint_dir=base_checkpoints,
             )
-        report["hyperparameters"] = hp
+        report["hyperparameters"] = {"seed": step.seed, **plain(step.training)}
     seconds = time.perf_counter() - start
-    extra = {"pretrained_weights": weights_info, "data_config": dcfg} if pretrained else None
-    weights, _ = models.save(
-        model, out_stem, entry["timm"], num_classes, entry.get("overrides"), extra=extra
-    )
+    extra = None
+    if entry.is_pretrained:
+        extra = {"pretrained_weights": weights_info, "data_config": dcfg}
+    weights, _ = models.save(model, out_stem, entry.timm, num_classes, entry.overrides, extra=extra)
     shutil.rmtree(base_checkpoints, ignore_errors=True)
-    metrics = ev.accuracy(model, splits.test, int(config["evaluate"]["batch_size"]))
+    metrics = ev.accuracy(model, splits.test, step.eval_batch)
     macs, params = ev.macs_params(model, splits.img_size)
-    val = ev.accuracy(model, splits.val, int(config["evaluate"]["batch_size"]))
+    val = ev.accuracy(model, splits.val, step.eval_batch)
     out = {
-        "dataset": config["dataset"]["name"],
-        "model": model_name,
-        "timm": entry["timm"],
+        "dataset": step.data.name,
+        "model": entry.name,
+        "timm": entry.timm,
         **metrics,
         "val_top1": val["top1"],
         "macs": macs,
@@ -212,72 +219,58 @@ def base_model(
         out["pretrained_source"] = weights_info["source"]
         out["data_config"] = dcfg
     write_json(metrics_json, out)
-    _print(f"base {model_name}: top1 {metrics['top1']:.2f}% macs {macs} params {params}")
+    _print(f"base {entry.name}: top1 {metrics['top1']:.2f}% macs {macs} params {params}")
     return out
 
 
-def profile(config: dict[str, Any], base_stem: str | Path, out_json: str | Path) -> dict[str, Any]:
+def profile(step: ProfileStep, base_stem: str | Path, out_json: str | Path) -> dict[str, Any]:
     """The profile step: MACs breakdown, groups, sensitivity and safety bounds of the base model."""
     from agentprune import data, models, profiling
 
     model, desc = models.load(base_stem)
     # The base model's own transforms (a pretrained model's crop and mean/std): the same images it
     # was measured on in the base step.
-    splits = data.load_splits(config["dataset"], data_config=models.data_config_of(desc))
-    cfg = config["profile"]
-    batches = data.calibration_batches(
-        splits.val, int(cfg["calibration_batches"]), int(cfg["batch_size"]), seed=0
-    )
+    splits = data.load_splits(step.data, data_config=models.data_config_of(desc))
+    cfg = step.profile
+    batches = data.calibration_batches(splits.val, cfg.calibration_batches, cfg.batch_size, seed=0)
     result = profiling.profile_model(model, data.example_inputs(splits.img_size), batches, cfg)
     write_json(out_json, result)
     return result
 
 
 def plan(
-    config: dict[str, Any],
-    method: str,
-    model_name: str,
-    ratio: float,
+    step: PlanStep,
     seed: int,
     profile_json: str | Path,
     out_json: str | Path,
     base_stem: str | Path | None = None,
     threads: int | None = None,
-    target_gmacs: float | None = None,
 ) -> dict[str, Any]:
     """The plan step: ask the method's planner for a decision and write ``plan.json``.
 
     ``base_stem`` and ``threads`` serve planners that run trials on the base model (the agents);
-    the fixed recipes read neither and stay torch-free. ``target_gmacs`` is the target in GMACs
-    behind ``ratio`` (default: the model's ``targets_gmacs`` entry of that ratio, if any); the
-    planner sees it as ``context["target_gmacs"]``.
+    the fixed recipes read neither and stay torch-free.
     """
-    from agentprune.pruning.settings import gmacs_target
-
-    strategy = methods.get(method)
-    if target_gmacs is None:
-        entry = next((m for m in config.get("models", []) if m["name"] == model_name), {})
-        target_gmacs = gmacs_target(entry, float(ratio))
-    result = strategy.plan(
-        float(ratio),
-        read_json(profile_json),
-        dict(config.get("method_settings", {}).get(method, {})),
-        {
-            "dataset": config["dataset"]["name"],
-            "model": model_name,
-            "seed": int(seed),
-            "config": config,
-            "base_stem": None if base_stem is None else str(base_stem),
-            "threads": threads,
-            "target_gmacs": target_gmacs,
-        },
+    strategy = catalog.get(step.method)
+    context = PlanContext(
+        dataset=step.dataset,
+        model=step.model,
+        timm=step.timm,
+        seed=int(seed),
+        target_gmacs=step.target_gmacs,
+        base_stem=None if base_stem is None else str(base_stem),
+        threads=threads,
+        data=step.data,
+        calibration_batch_size=step.calibration_batch_size,
     )
+    settings = strategy.load_settings(step.method_settings)
+    result = strategy.plan(step.ratio, read_json(profile_json), settings, context)
     write_json(out_json, result)
     return result
 
 
 def prune(
-    config: dict[str, Any],
+    step: PruneStep,
     plan_json: str | Path,
     base_stem: str | Path,
     out_stem: str | Path,
@@ -289,20 +282,16 @@ def prune(
     plan_doc = read_json(plan_json)
     seed = int(plan_doc["seed"])
     train.seed_everything(seed)
-    strategy = methods.get(plan_doc["method"])
+    strategy = catalog.get(plan_doc["method"])
     base, desc = models.load(base_stem)
-    splits = data.load_splits(config["dataset"], data_config=models.data_config_of(desc))
-    batch = int(config["prune"]["batch_size"])
-    n_batches = int(plan_doc.get("pruner", {}).get("calibration_batches", 1))
-    calibration = data.calibration_batches(splits.train, max(1, n_batches), batch, seed)
+    splits = data.load_splits(step.data, data_config=models.data_config_of(desc))
+    n_batches = int(plan_doc["pruner"]["calibration_batches"])
+    calibration = data.calibration_batches(
+        splits.train, max(1, n_batches), step.calibration_batch_size, seed
+    )
     start = time.perf_counter()
     pruned, report = strategy.prune(
-        base,
-        plan_doc,
-        data.example_inputs(splits.img_size),
-        calibration,
-        seed,
-        config["prune"],
+        base, plan_doc, data.example_inputs(splits.img_size), calibration, seed
     )
     report["seconds"] = time.perf_counter() - start
     # Block removal changes the architecture's depth: the pruned model is rebuilt with it.
@@ -311,21 +300,21 @@ def prune(
     report["method"] = plan_doc["method"]
     write_json(report_json, report)
     _print(
-        f"pruned {plan_doc['method']} to {report.get('achieved', float('nan')):.4f} "
+        f"pruned {plan_doc['method']} to {report['achieved']:.4f} "
         f"(target {plan_doc['target']['value']}) in {report['seconds']:.1f}s"
     )
     return report
 
 
 def finetune(
-    config: dict[str, Any],
+    step: FinetuneStep,
     plan_json: str | Path,
     pruned_stem: str | Path,
     base_stem: str | Path,
     out_stem: str | Path,
     report_json: str | Path,
-    settings: dict[str, Any] | None = None,
     processes: int = 1,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """The finetune step: recovery training with the model's recipe, optionally distilled.
 
@@ -334,55 +323,32 @@ def finetune(
     weights and report as an uninterrupted run. The directory is removed once the outputs exist.
 
     Args:
-        config: the whole configuration.
+        step: the data set and the model's effective recipe.
         plan_json: the run's plan (its seed and method).
         pruned_stem: the pruned model.
         base_stem: the unpruned model (the default distillation teacher).
         out_stem: where the fine-tuned model goes.
         report_json: where the training report goes.
-        settings: the model's effective ``finetune`` section (the rule's params); None: derived
-            from ``config`` for the plan's model.
         processes: training processes; above 1 (one per GPU), the step re-runs itself under
-            torchrun with DDP, and rank 0 writes the outputs.
+            torchrun with DDP (:func:`finetune_worker`), and rank 0 writes the outputs.
+        on_epoch_end: called after each epoch's checkpoint (see ``train.train``).
 
     Returns:
         The training report.
     """
-    import shutil
-
     from agentprune import data, distributed, models, train
-    from agentprune.config import finetune_settings
 
     info = distributed.env_info()
+    paths = [plan_json, pruned_stem, base_stem, out_stem, report_json]
     if processes > 1 and not info.enabled:
-        distributed.launch(
-            "finetune",
-            {
-                "config": config,
-                "plan_json": str(plan_json),
-                "pruned_stem": str(pruned_stem),
-                "base_stem": str(base_stem),
-                "out_stem": str(out_stem),
-                "report_json": str(report_json),
-                "settings": settings,
-            },
-            processes,
-        )
+        payload = {"step": plain(step), "paths": [str(p) for p in paths]}
+        distributed.launch("agentprune.steps:finetune_worker", payload, processes)
         return read_json(report_json)
     plan_doc = read_json(plan_json)
     seed = int(plan_doc["seed"])
-    strategy = methods.get(plan_doc["method"])
-    if settings is None:
-        names = {entry["name"] for entry in config.get("models", [])}
-        if plan_doc.get("model") in names:
-            settings = finetune_settings(config, plan_doc["model"])
-        else:  # a model outside config.models (CLI): the section itself, scaled like the rest
-            settings = dict(config["finetune"])
-            settings["epochs"] = float(settings["epochs"]) * float(
-                settings.pop("epochs_scale", 1.0)
-            )
+    strategy = catalog.get(plan_doc["method"])
     model, desc = models.load(pruned_stem)
-    cfg = train.TrainConfig.from_config(settings)
+    cfg = step.recipe
     teacher = None
     teacher_id: str | None = None
     if cfg.distill.get("enabled"):
@@ -394,7 +360,7 @@ def finetune(
             teacher = models.load(base_stem)[0]
             teacher_id = models.sha256(Path(base_stem).with_suffix(".safetensors"))
     base_desc = read_json(Path(base_stem).with_suffix(".json"))
-    splits = data.load_splits(config["dataset"], data_config=models.data_config_of(base_desc))
+    splits = data.load_splits(step.data, data_config=models.data_config_of(base_desc))
     ckpt_dir = Path(str(out_stem) + ".ckpt")
     report = train.train(
         model,
@@ -405,7 +371,8 @@ def finetune(
         masks=strategy.masks(model),
         log=_print,
         checkpoint_dir=ckpt_dir,
-        fingerprint_extra={"teacher": teacher_id, "dataset": config["dataset"]},
+        fingerprint_extra={"teacher": teacher_id, "dataset": plain(step.data)},
+        on_epoch_end=on_epoch_end,
     )
     if info.is_main:
         models.save(model, out_stem, desc["timm_name"], desc["num_classes"], desc["overrides"])
@@ -413,6 +380,13 @@ def finetune(
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     distributed.barrier(info)
     return report
+
+
+def finetune_worker(
+    step: dict[str, Any], paths: list[str], on_epoch_end: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """One worker of :func:`finetune` (the torchrun entry point): the step from its plain form."""
+    return finetune(build(FinetuneStep, step, "finetune"), *paths, on_epoch_end=on_epoch_end)
 
 
 def planning_cost(
@@ -446,7 +420,7 @@ def planning_cost(
 
 
 def evaluate(
-    config: dict[str, Any],
+    step: EvaluateStep,
     identity: dict[str, Any],
     plan_json: str | Path,
     base_metrics_json: str | Path,
@@ -460,18 +434,17 @@ def evaluate(
     metrics.json."""
     from agentprune import data, models, tracking
     from agentprune import evaluate as ev
-    from agentprune.config import finetune_settings
 
     start = time.perf_counter()
-    tracking.check(config.get("tracking"))  # a missing tracker package fails before any work
+    tracking.check(step.tracking)  # a missing tracker package fails before any work
     plan_doc = read_json(plan_json)
     base = read_json(base_metrics_json)
     prune_report = read_json(prune_report_json)
     ft_report = read_json(finetune_report_json)
-    splits = data.load_splits(config["dataset"], data_config=base.get("data_config"))
-    cfg = config["evaluate"]
+    splits = data.load_splits(step.data, data_config=base.get("data_config"))
+    cfg = step.evaluate
     pruned, _ = models.load(pruned_stem)
-    before = ev.accuracy(pruned, splits.test, int(cfg["batch_size"]))
+    before = ev.accuracy(pruned, splits.test, cfg.batch_size)
     del pruned
     finetuned, _ = models.load(finetuned_stem)
     known = (
@@ -480,7 +453,7 @@ def evaluate(
         else None
     )
     after = ev.evaluate_model(finetuned, splits.test, splits.img_size, cfg, known)
-    strategy = methods.get(plan_doc["method"])
+    strategy = catalog.get(plan_doc["method"])
     provenance = plan_doc.get("provenance", {})
     achieved = (
         1 - after["macs"] / base["macs"] if strategy.family == "structured" else after["sparsity"]
@@ -527,13 +500,13 @@ def evaluate(
         f"top1 {before['top1']:.2f} -> {after['top1']:.2f} (base {base['top1']:.2f})"
     )
     tracking.log_run(
-        config.get("tracking"),
+        step.tracking,
         metrics,
         params=tracking.flat_params(
             {
                 "target": plan_doc["target"]["value"],
                 "pruner": plan_doc.get("pruner") or {},
-                "finetune": finetune_settings(config, metrics["model"]),
+                "finetune": plain(step.recipe),
             }
         ),
         curves={"finetune/loss": list(ft_report.get("epoch_loss", []))},

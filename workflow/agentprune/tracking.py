@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
+
+from agentprune.settings import TrackingSettings
 
 BACKENDS = ("none", "mlflow", "wandb")
 # The package each backend imports, and how to get it.
@@ -26,46 +27,16 @@ class TrackingError(ValueError):
     """The tracking settings cannot work (unknown backend, package missing)."""
 
 
-@dataclass(frozen=True)
-class TrackingSettings:
-    """The config's ``tracking`` section.
-
-    Attributes:
-        backend: ``none``, ``mlflow`` or ``wandb``.
-        project: MLflow experiment / W&B project name.
-        uri: MLflow tracking URI (None: MLflow's own default, e.g. $MLFLOW_TRACKING_URI); for W&B
-            the directory its run files go to (None: the working directory).
-        mode: W&B mode: ``online``, ``offline`` (files only, sync later) or ``disabled``.
-        tags: extra tags on every run.
-    """
-
-    backend: str = "none"
-    project: str = "agentprune"
-    uri: str | None = None
-    mode: str = "offline"
-    tags: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None) -> TrackingSettings:
-        section = dict(section or {})
-        unknown = set(section) - {"backend", "project", "uri", "mode", "tags"}
-        if unknown:
-            raise TrackingError(f"tracking: unknown keys {sorted(unknown)}")
-        settings = cls(**section)
-        if settings.backend not in BACKENDS:
-            raise TrackingError(
-                f"tracking.backend={settings.backend!r}: expected one of {', '.join(BACKENDS)}"
-            )
-        return settings
-
-
-def check(section: Mapping[str, Any] | None) -> TrackingSettings:
-    """Validate the tracking section, and that the backend's package is importable.
+def check(settings: TrackingSettings) -> TrackingSettings:
+    """Check that the tracking backend is known and its package importable.
 
     Raises:
         TrackingError: one line naming the key and the fix.
     """
-    settings = TrackingSettings.from_config(section)
+    if settings.backend not in BACKENDS:
+        raise TrackingError(
+            f"tracking.backend={settings.backend!r}: expected one of {', '.join(BACKENDS)}"
+        )
     if settings.backend != "none":
         module, install = PACKAGES[settings.backend]
         if importlib.util.find_spec(module) is None:
@@ -161,7 +132,7 @@ LOGGERS: dict[str, Callable[..., str]] = {"mlflow": _log_mlflow, "wandb": _log_w
 
 
 def log_run(
-    section: Mapping[str, Any] | None,
+    settings: TrackingSettings,
     metrics: Mapping[str, Any],
     params: Mapping[str, Any],
     curves: Mapping[str, list[float]] | None = None,
@@ -170,7 +141,7 @@ def log_run(
     """Send one run to the configured tracker.
 
     Args:
-        section: The config's ``tracking`` section.
+        settings: The tracking settings.
         metrics: The run's ``metrics.json`` (identity keys name the run and become tags).
         params: Flat settings to record (plan, fine-tuning recipe).
         curves: Per-epoch series, e.g. ``{"finetune/loss": [...]}``.
@@ -179,7 +150,7 @@ def log_run(
     Returns:
         The tracker's run id, or None when tracking is off or failed.
     """
-    settings = check(section)
+    check(settings)
     if settings.backend == "none":
         return None
     identity = {k: str(metrics[k]) for k in ("dataset", "model", "method", "ratio", "seed")}

@@ -13,7 +13,12 @@ Systems features:
 - Per-epoch checkpoints (model, optimizer, gradient scaler, EMA, every RNG state, the loss curve)
   written atomically to ``checkpoint_dir``; a killed run resumes from its last completed epoch
   and ends bitwise-identical to an uninterrupted run on CPU. Checkpoints are read with
-  ``torch.load(weights_only=True)`` (no pickle).
+  ``torch.load(weights_only=True)`` (no pickle). An ``on_epoch_end`` callback runs on rank 0
+  after each epoch's checkpoint (tests use it to kill a run between epochs).
+
+:func:`train` only orchestrates: :func:`_set_up` builds a :class:`_Run` (model, optimizer,
+scaler, EMA, recipe, step counts), :func:`_resume` restores it from a checkpoint,
+:func:`_train_epoch` advances it one epoch and :func:`_finish` hands the model back and reports.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,10 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from agentprune import data, distributed
+from agentprune.settings import TrainConfig  # the recipe, with every step's settings (no torch)
 
-# Test hook: a run with this variable set to k kills itself (SIGKILL) right after writing the
-# checkpoint of its k-th completed epoch, to test resuming. Never set it outside tests.
-KILL_AFTER_EPOCH_ENV = "AGENTPRUNE_TEST_KILL_AFTER_EPOCH"
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = 1
 # Keys of TrainConfig that do not change the trajectory of a run: they stay out of the checkpoint
@@ -60,62 +62,6 @@ def seed_everything(seed: int) -> None:
 def device() -> torch.device:
     """The training device: CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one training run (the ``finetune`` / ``base_training`` config
-    sections).
-
-    The defaults reproduce the plain recipe: no mixup, RandAugment, erasing, drop path or EMA;
-    AMP and channels_last only on GPU (``auto``). ``mixup``/``cutmix`` are the Beta alphas,
-    ``ema`` the EMA decay (None: no EMA), ``drop_path`` the deepest block's stochastic-depth rate
-    (0: the model as built), ``distill`` holds ``enabled``, ``alpha``, ``temperature``, ``kind``
-    (soft|hard) and ``teacher`` (a timm name; None: the base model).
-    """
-
-    epochs: float = 1.0
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    batch_size: int = 64
-    label_smoothing: float = 0.1
-    warmup_fraction: float = 0.0
-    min_lr_fraction: float = 0.01
-    grad_clip: float | None = 1.0
-    distill: dict[str, Any] = field(default_factory=dict)
-    augment: bool = False
-    # Recipe features (DeiT / the pruning papers' fine-tuning recipe); the names are the
-    # ``finetune`` config keys.
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    randaug: str | None = None
-    random_erase: float = 0.0
-    drop_path: float = 0.0
-    ema: float | None = None
-    # Systems features.
-    amp: str | bool = "auto"
-    channels_last: bool | str = "auto"
-    compile: bool = False
-    workers: int = 0
-    resume: bool = True
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> TrainConfig:
-        """Build from a config section, ignoring keys that are not hyperparameters."""
-        known = {k: v for k, v in cfg.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    @property
-    def mixup_enabled(self) -> bool:
-        """Whether mixup or cutmix mixes the batches."""
-        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
-
-    @property
-    def ema_enabled(self) -> bool:
-        """Whether an EMA of the weights is kept (and becomes the result)."""
-        return self.ema is not None and 0 < self.ema < 1
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -288,11 +234,11 @@ class Recipe:
         self.cfg = cfg
         self.gen = gen
         self.teacher = teacher
-        self.mode = str(cfg.distill.get("kind", "soft"))
+        self.mode = str(cfg.distill["kind"])
         if self.mode not in ("soft", "hard"):
             raise ValueError(f"finetune.distill.kind={self.mode!r} is not one of soft, hard")
-        self.alpha = float(cfg.distill.get("alpha", 0.5))
-        self.temperature = float(cfg.distill.get("temperature", 2.0))
+        self.alpha = float(cfg.distill["alpha"])
+        self.temperature = float(cfg.distill["temperature"])
         self.mixup = None
         if cfg.mixup_enabled:
             from timm.data import Mixup
@@ -501,6 +447,325 @@ def _epoch_loader(
     )
 
 
+@dataclass
+class _Run:
+    """The moving parts of one training run.
+
+    Built by :func:`_set_up`, restored by :func:`_resume`, advanced by :func:`_train_epoch` and
+    closed by :func:`_finish`.
+    """
+
+    cfg: TrainConfig
+    info: distributed.DistInfo
+    dev: torch.device
+    seed: int
+    train_set: Dataset
+    model: nn.Module
+    forward: nn.Module  # what a step calls: the model, DDP-wrapped and/or compiled
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    ema: Any  # a timm ModelEmaV3, or None
+    gen: torch.Generator  # translation augmentation (also restored on resume)
+    recipe: Recipe
+    dtype: torch.dtype | None  # the autocast dtype; None: fp32
+    channels_last: bool
+    drop_path_saved: list[tuple[nn.Module, str, nn.Module]]
+    masks: dict[str, torch.Tensor] | None
+    use_kd: bool
+    batch_size: int  # per rank
+    total: int  # optimizer steps of the whole run
+    # An epoch's loss is the mean of the last batches_per_epoch step losses, as before
+    # checkpoints existed (a fractional last epoch reaches back into the previous one): the
+    # agents' recovery reports, and so their prompts and LLM cache keys, stay the same.
+    recent: deque[float]
+    epoch_losses: list[float] = field(default_factory=list)
+    step: int = 0
+    epoch: int = 0  # completed epochs
+    seconds_before: float = 0.0  # spent by the interrupted runs this one resumes
+    started: float = field(default_factory=time.perf_counter)
+    resumed_from_epoch: int | None = None
+
+    def seconds(self) -> float:
+        """Training seconds so far, the interrupted runs' included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+
+def _no_log(_message: str) -> None:
+    """The log of a run without one (and of every rank but 0)."""
+
+
+def _untrained_report() -> dict[str, Any]:
+    """The report of a run with ``epochs <= 0``: nothing trained."""
+    return {
+        "steps": 0,
+        "epoch_loss": [],
+        "final_loss": float("nan"),
+        "seconds": 0.0,
+        "distill": False,
+    }
+
+
+def _step_counts(
+    cfg: TrainConfig, n_train: int, info: distributed.DistInfo
+) -> tuple[int, int, int]:
+    """Per-rank batch size, batches per epoch and optimizer steps of the whole run.
+
+    ``cfg.batch_size`` is the global batch: under DDP each rank takes its share of it, on its
+    shard of the data.
+    """
+    batch_size = cfg.batch_size
+    if info.enabled:
+        batch_size = max(1, cfg.batch_size // info.world_size)
+    shard = math.ceil(n_train / info.world_size)
+    batches_per_epoch = math.ceil(shard / batch_size)
+    return batch_size, batches_per_epoch, max(1, int(round(cfg.epochs * batches_per_epoch)))
+
+
+def _open_checkpoint(
+    directory: Path | None,
+    model: nn.Module,
+    cfg: TrainConfig,
+    seed: int,
+    n_train: int,
+    info: distributed.DistInfo,
+    masks: dict[str, torch.Tensor] | None,
+    extra: Any,
+    log: Callable[[str], None],
+) -> tuple[str, dict[str, Any] | None]:
+    """The run's fingerprint ("" without a checkpoint directory) and the checkpoint to resume
+    from (None: start afresh). The fingerprint covers ``model``'s weights as passed in."""
+    if directory is None:
+        return "", None
+    fp = fingerprint(model, cfg, seed, n_train, info.world_size, masks, extra)
+    if not cfg.resume:
+        return fp, None
+    # Every rank reads the file rank 0 wrote (one node, one file system).
+    return fp, load_checkpoint(directory, fp, log)
+
+
+def _apply_drop_path(
+    model: nn.Module, rate: float, log: Callable[[str], None]
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Set the drop-path schedule for training; returns what :func:`restore_modules` puts back."""
+    if rate <= 0:  # leave the model as built (the pruned models are rebuilt without drop path)
+        return []
+    saved = set_drop_path(model, rate)
+    if not saved:
+        log("drop_path: the model has no drop-path slots; the setting has no effect")
+    return saved
+
+
+def _wrap(
+    model: nn.Module, cfg: TrainConfig, info: distributed.DistInfo, dev: torch.device
+) -> nn.Module:
+    """What a step calls: ``model`` in DDP under torchrun, compiled when ``cfg.compile``."""
+    net: nn.Module = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return torch.compile(net) if cfg.compile else net  # type: ignore[return-value]
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices, none on biases, norms and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=cfg.lr,
+    )
+
+
+def _set_up(
+    model: nn.Module,
+    train_set: Dataset,
+    cfg: TrainConfig,
+    seed: int,
+    teacher: nn.Module | None,
+    masks: dict[str, torch.Tensor] | None,
+    info: distributed.DistInfo,
+    log: Callable[[str], None],
+) -> _Run:
+    """Put ``model`` (and the teacher) on the device in training form and build the optimizer,
+    gradient scaler, EMA, augmentation generator and recipe around it, at step 0."""
+    dev = distributed.device(info) if info.enabled else device()
+    use_kd = bool(cfg.distill.get("enabled")) and teacher is not None
+    batch_size, batches_per_epoch, total = _step_counts(cfg, len(train_set), info)  # type: ignore[arg-type]
+    drop_path_saved = _apply_drop_path(model, cfg.drop_path, log)
+    model.to(dev).train()
+    channels_last = use_channels_last(cfg.channels_last, model, dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if use_kd:
+        teacher.to(dev).eval()  # type: ignore[union-attr]
+    forward = _wrap(model, cfg, info, dev)
+    opt = _optimizer(model, cfg)
+    dtype = amp_dtype(cfg.amp, dev)
+    scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
+    ema = make_ema(model, cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    recipe = Recipe(cfg, model, dev, gen, teacher if use_kd else None)
+    return _Run(
+        cfg=cfg,
+        info=info,
+        dev=dev,
+        seed=seed,
+        train_set=train_set,
+        model=model,
+        forward=forward,
+        opt=opt,
+        scaler=scaler,
+        ema=ema,
+        gen=gen,
+        recipe=recipe,
+        dtype=dtype,
+        channels_last=channels_last,
+        drop_path_saved=drop_path_saved,
+        masks=masks,
+        use_kd=use_kd,
+        batch_size=batch_size,
+        total=total,
+        recent=deque(maxlen=batches_per_epoch),
+    )
+
+
+def _resume(
+    run: _Run, state: dict[str, Any], directory: Path | None, log: Callable[[str], None]
+) -> None:
+    """Restore ``run`` to where the checkpoint ``state`` left it (the model's weights were loaded
+    before set-up)."""
+    run.opt.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(state["ema"])
+    set_rng_state(state["rng"][run.info.rank], run.gen)
+    run.epoch_losses = list(state["epoch_losses"])
+    run.recent.extend(float(v) for v in state["recent_losses"])
+    run.step, run.epoch = int(state["step"]), int(state["epoch"])
+    run.seconds_before = float(state.get("seconds", 0.0))
+    run.resumed_from_epoch = run.epoch
+    log(f"resumed from epoch {run.epoch} (step {run.step}/{run.total}) of checkpoint {directory}")
+
+
+def _optimizer_step(run: _Run, loss: torch.Tensor) -> None:
+    """Backward pass, gradient clipping and the update (through the fp16 scaler when there is
+    one)."""
+    run.opt.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.opt)  # clip the true gradients
+    else:
+        loss.backward()
+    if run.cfg.grad_clip:
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    if run.scaler is not None:
+        run.scaler.step(run.opt)
+        run.scaler.update()
+    else:
+        run.opt.step()
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimizer step on the batch ``(x, y)``; returns its loss."""
+    x = x.to(run.dev, non_blocking=True)
+    y = y.to(run.dev, non_blocking=True)
+    x, y = run.recipe.inputs(x, y)
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(run.step, run.total, run.cfg)
+    dtype = run.dtype
+    with torch.autocast(run.dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits = run.forward(x)
+        loss = run.recipe.loss(logits, x, y)
+    _optimizer_step(run, loss)
+    apply_masks(run.model, run.masks)
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.step)
+        apply_masks(run.ema.module, run.masks)
+    return float(loss.detach())
+
+
+def _train_epoch(run: _Run, bar: Any, log: Callable[[str], None]) -> None:
+    """One pass over this rank's shard, cut short at the run's last step, and the epoch's loss
+    (the same on every rank)."""
+    loader = _epoch_loader(
+        run.train_set,
+        run.batch_size,
+        run.seed,
+        run.epoch,
+        run.info,
+        run.cfg.workers,
+        run.dev.type == "cuda",
+    )
+    for x, y in loader:
+        if run.step >= run.total:
+            break
+        run.recent.append(_train_step(run, x, y))
+        run.step += 1
+        bar.update(1)
+    run.epoch_losses.append(
+        distributed.mean_over_ranks(float(np.mean(run.recent)), run.info, run.dev)
+    )
+    log(f"epoch {run.epoch}: loss {run.epoch_losses[-1]:.4f} ({run.step}/{run.total} steps)")
+    run.epoch += 1
+
+
+def _train_epochs(
+    run: _Run,
+    directory: Path | None,
+    fp: str,
+    progress: bool,
+    log: Callable[[str], None],
+    on_epoch_end: Callable[[int], None] | None,
+) -> None:
+    """Epochs until the run's last step, each followed by its checkpoint (with a directory) and
+    ``on_epoch_end`` (rank 0)."""
+    from tqdm import tqdm
+
+    run.started = time.perf_counter()
+    bar = tqdm(total=run.total, initial=run.step, desc="train", disable=not progress, leave=False)
+    while run.step < run.total:
+        _train_epoch(run, bar, log)
+        if directory is not None:
+            _checkpoint(directory, fp, run, log)
+        if on_epoch_end is not None and run.info.is_main:
+            on_epoch_end(run.epoch)
+    bar.close()
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """Hand the model back as built, holding the result (the EMA when kept), in eval mode, and
+    report the run."""
+    restore_modules(run.drop_path_saved)
+    if run.ema is not None:
+        # The EMA is the result: it is what gets saved and evaluated.
+        run.model.load_state_dict(run.ema.module.state_dict())
+    if run.channels_last:
+        run.model.to(memory_format=torch.contiguous_format)
+    run.model.eval()
+    return {
+        "steps": run.total,
+        "epoch_loss": run.epoch_losses,
+        "final_loss": run.epoch_losses[-1] if run.epoch_losses else float("nan"),
+        "seconds": run.seconds(),
+        "distill": run.use_kd,
+        "distill_kind": run.recipe.mode if run.use_kd else None,
+        "ema": run.ema is not None,
+        "mixup": run.cfg.mixup_enabled,
+        "amp": str(run.dtype).removeprefix("torch.") if run.dtype else "off",
+        "channels_last": run.channels_last,
+        "world_size": run.info.world_size,
+        "resumed_from_epoch": run.resumed_from_epoch,
+    }
+
+
 def train(
     model: nn.Module,
     train_set: Dataset,
@@ -512,6 +777,7 @@ def train(
     log: Callable[[str], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     fingerprint_extra: Any = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place.
 
@@ -532,229 +798,62 @@ def train(
             found there is resumed (when ``cfg.resume``). None: no checkpoints.
         fingerprint_extra: JSON-able identity of inputs that ``model`` and ``cfg`` do not show
             (e.g. the teacher), part of the checkpoint fingerprint.
+        on_epoch_end: called on rank 0 with the number of completed epochs after each epoch,
+            once that epoch's checkpoint (if any) is on disk; the other ranks wait for it at
+            their next collective. Tests use it to kill a run between epochs.
 
     Returns:
         A report: per-epoch mean loss, steps, seconds, and which features were on.
     """
-    from tqdm import tqdm
-
     if cfg.epochs <= 0:
-        return {
-            "steps": 0,
-            "epoch_loss": [],
-            "final_loss": float("nan"),
-            "seconds": 0.0,
-            "distill": False,
-        }
+        return _untrained_report()
     info = distributed.init_from_env()
     if not info.is_main:
         log, progress = None, False
+    print_fn = log or _no_log
     # Rank 0 keeps the plain seed, so a one-process run is the same with or without this code;
     # the other ranks get their own dropout, augmentation and mixup draws.
     seed_everything(seed + 1_000_003 * info.rank)
-    dev = distributed.device(info) if info.enabled else device()
     if cfg.randaug:
         train_set = RandAugmentDataset(train_set, cfg.randaug, _image_size(train_set))
-    use_kd = bool(cfg.distill.get("enabled")) and teacher is not None
-    batch_size = cfg.batch_size
-    if info.enabled:
-        batch_size = max(1, cfg.batch_size // info.world_size)
-    shard = math.ceil(len(train_set) / info.world_size)  # type: ignore[arg-type]
-    batches_per_epoch = math.ceil(shard / batch_size)
-    total = max(1, int(round(cfg.epochs * batches_per_epoch)))
-
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    print_fn = log or (lambda _msg: None)
-    resumed: dict[str, Any] | None = None
-    fp = ""
-    if ckpt_dir is not None:
-        fp = fingerprint(
-            model, cfg, seed, len(train_set), info.world_size, masks, fingerprint_extra
-        )
-        if cfg.resume:
-            # Every rank reads the file rank 0 wrote (one node, one file system).
-            resumed = load_checkpoint(ckpt_dir, fp, log)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-
-    # 0 leaves the model as built (the pruned models are rebuilt without drop path).
-    drop_path_saved = set_drop_path(model, cfg.drop_path) if cfg.drop_path > 0 else []
-    if cfg.drop_path > 0 and not drop_path_saved:
-        print_fn("drop_path: the model has no drop-path slots; the setting has no effect")
-    model.to(dev).train()
-    channels_last = use_channels_last(cfg.channels_last, model, dev)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if use_kd:
-        teacher.to(dev).eval()  # type: ignore[union-attr]
-    net: nn.Module = model
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    forward = torch.compile(net) if cfg.compile else net
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0},
-        ],
-        lr=cfg.lr,
+    n_train = len(train_set)  # type: ignore[arg-type]
+    fp, resumed = _open_checkpoint(
+        ckpt_dir, model, cfg, seed, n_train, info, masks, fingerprint_extra, print_fn
     )
-    dtype = amp_dtype(cfg.amp, dev)
-    scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
-    ema = make_ema(model, cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    recipe = Recipe(cfg, model, dev, gen, teacher if use_kd else None)
-
-    epoch_losses: list[float] = []
-    # An epoch's loss is the mean of the last batches_per_epoch step losses, as before
-    # checkpoints existed (a fractional last epoch reaches back into the previous one): the
-    # agents' recovery reports, and so their prompts and LLM cache keys, stay the same.
-    recent: deque[float] = deque(maxlen=batches_per_epoch)
-    step = 0
-    epoch = 0
-    seconds_before = 0.0
     if resumed is not None:
-        opt.load_state_dict(resumed["optimizer"])
-        if scaler is not None and resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(resumed["ema"])
-        set_rng_state(resumed["rng"][info.rank], gen)
-        epoch_losses = list(resumed["epoch_losses"])
-        recent.extend(float(v) for v in resumed["recent_losses"])
-        step, epoch = int(resumed["step"]), int(resumed["epoch"])
-        seconds_before = float(resumed.get("seconds", 0.0))
-        print_fn(f"resumed from epoch {epoch} (step {step}/{total}) of checkpoint {ckpt_dir}")
-    kill_after = int(os.environ.get(KILL_AFTER_EPOCH_ENV, "0") or 0)
-
-    start = time.perf_counter()
-    bar = tqdm(total=total, initial=step, desc="train", disable=not progress, leave=False)
-    while step < total:
-        loader = _epoch_loader(
-            train_set, batch_size, seed, epoch, info, cfg.workers, dev.type == "cuda"
-        )
-        for x, y in loader:
-            if step >= total:
-                break
-            x = x.to(dev, non_blocking=True)
-            y = y.to(dev, non_blocking=True)
-            x, y = recipe.inputs(x, y)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
-            with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                logits = forward(x)
-                loss = recipe.loss(logits, x, y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)  # clip the true gradients
-            else:
-                loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            apply_masks(model, masks)
-            if ema is not None:
-                ema.update(model, step=step)
-                apply_masks(ema.module, masks)
-            recent.append(float(loss.detach()))
-            step += 1
-            bar.update(1)
-        epoch_losses.append(distributed.mean_over_ranks(float(np.mean(recent)), info, dev))
-        print_fn(f"epoch {epoch}: loss {epoch_losses[-1]:.4f} ({step}/{total} steps)")
-        epoch += 1
-        if ckpt_dir is not None:
-            _checkpoint(
-                ckpt_dir,
-                fp,
-                model,
-                opt,
-                scaler,
-                ema,
-                gen,
-                info,
-                epoch,
-                step,
-                epoch_losses,
-                list(recent),
-                seconds_before + time.perf_counter() - start,
-                print_fn,
-            )
-            if kill_after and epoch == kill_after and info.is_main:
-                print_fn(f"{KILL_AFTER_EPOCH_ENV}={kill_after}: killing this process (test hook)")
-                os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    restore_modules(drop_path_saved)
-    if ema is not None:
-        # The EMA is the result: it is what gets saved and evaluated.
-        model.load_state_dict(ema.module.state_dict())
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)
-    model.eval()
-    return {
-        "steps": total,
-        "epoch_loss": epoch_losses,
-        "final_loss": epoch_losses[-1] if epoch_losses else float("nan"),
-        "seconds": seconds_before + time.perf_counter() - start,
-        "distill": use_kd,
-        "distill_kind": recipe.mode if use_kd else None,
-        "ema": ema is not None,
-        "mixup": cfg.mixup_enabled,
-        "amp": str(dtype).removeprefix("torch.") if dtype else "off",
-        "channels_last": channels_last,
-        "world_size": info.world_size,
-        "resumed_from_epoch": int(resumed["epoch"]) if resumed is not None else None,
-    }
+        # Before set-up, so that the EMA starts from and DDP broadcasts the resumed weights.
+        model.load_state_dict(resumed["model"])
+    run = _set_up(model, train_set, cfg, seed, teacher, masks, info, print_fn)
+    if resumed is not None:
+        _resume(run, resumed, ckpt_dir, print_fn)
+    _train_epochs(run, ckpt_dir, fp, progress, print_fn, on_epoch_end)
+    return _finish(run)
 
 
-def _checkpoint(
-    directory: Path,
-    fp: str,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    scaler: Any,
-    ema: Any,
-    gen: torch.Generator,
-    info: distributed.DistInfo,
-    epoch: int,
-    step: int,
-    epoch_losses: list[float],
-    recent_losses: list[float],
-    seconds: float,
-    log: Callable[[str], None],
-) -> None:
-    """Save the state after ``epoch`` completed epochs (rank 0 writes; every rank's RNG in it)."""
-    rngs = distributed.gather_objects(rng_state(gen), info)
-    if info.is_main:
+def _checkpoint(directory: Path, fp: str, run: _Run, log: Callable[[str], None]) -> None:
+    """Save the state after ``run.epoch`` completed epochs (rank 0 writes; every rank's RNG in
+    it)."""
+    rngs = distributed.gather_objects(rng_state(run.gen), run.info)
+    if run.info.is_main:
         state = {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": fp,
-            "epoch": epoch,
-            "step": step,
-            "epoch_losses": list(epoch_losses),
-            "recent_losses": recent_losses,
-            "seconds": seconds,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
+            "epoch": run.epoch,
+            "step": run.step,
+            "epoch_losses": list(run.epoch_losses),
+            "recent_losses": list(run.recent),
+            "seconds": run.seconds(),
+            "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+            "optimizer": run.opt.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "ema": (
-                {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
-                if ema is not None
+                {k: v.detach().cpu() for k, v in run.ema.module.state_dict().items()}
+                if run.ema is not None
                 else {}
             ),
             "rng": rngs,
         }
         path = save_checkpoint(directory, state)
-        log(f"checkpoint of epoch {epoch} (step {step}) written to {path}")
-    distributed.barrier(info)
+        log(f"checkpoint of epoch {run.epoch} (step {run.step}) written to {path}")
+    distributed.barrier(run.info)

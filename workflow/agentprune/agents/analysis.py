@@ -4,10 +4,11 @@ safety bounds. It makes no LLM call: it is the layer that keeps LLM output insid
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from agentprune.agents.schemas import Strategy
+from agentprune.agents.settings import AgentsSettings
 from agentprune.pruning.settings import GROUP_KINDS, PrunerSettings
 
 SCOPES: dict[str, tuple[str, ...]] = {kind: globs for kind, globs in GROUP_KINDS}
@@ -26,10 +27,10 @@ class Bounds:
         default_ratio: the bound of kinds neither the profile nor the config names.
     """
 
-    max_ratio: dict[str, float] = field(default_factory=dict)
-    protect_factor: float = 0.5
-    max_calibration_batches: int = 16
-    default_ratio: float = 0.9
+    max_ratio: dict[str, float]
+    protect_factor: float
+    max_calibration_batches: int
+    default_ratio: float
 
     def cap(self, kind: str, protect: list[str]) -> float:
         """The bound of ``kind``, tightened when it is protected."""
@@ -38,22 +39,22 @@ class Bounds:
 
 
 def run_bounds(
-    profile: dict[str, Any], agents_cfg: dict[str, Any], dataset: str, model: str, timm: str
+    profile: dict[str, Any], settings: AgentsSettings, dataset: str, model: str, timm: str
 ) -> Bounds:
     """The bounds of one run: the profile's measured bounds, tightened by every
     ``agents.bounds`` entry whose ``match`` glob matches ``dataset/model`` or the timm name."""
-    measured = dict(profile.get("safety_bounds", {}).get("max_ratio", {}))
-    for entry in agents_cfg.get("bounds", []):
-        pattern = entry.get("match", "*")
+    measured = dict(profile["safety_bounds"]["max_ratio"])
+    for entry in settings.bounds:
+        pattern = entry["match"]
         if not (fnmatch.fnmatch(f"{dataset}/{model}", pattern) or fnmatch.fnmatch(timm, pattern)):
             continue
-        for kind, value in entry.get("max_ratio", {}).items():
+        for kind, value in entry["max_ratio"].items():
             measured[kind] = min(float(value), float(measured.get(kind, 1.0)))
-    ceiling = float(agents_cfg.get("max_ratio", 0.9))
+    ceiling = settings.max_ratio
     return Bounds(
         max_ratio={k: min(ceiling, v) for k, v in measured.items()},
-        protect_factor=float(agents_cfg.get("protect_factor", 0.5)),
-        max_calibration_batches=int(agents_cfg.get("max_calibration_batches", 16)),
+        protect_factor=settings.protect_factor,
+        max_calibration_batches=settings.max_calibration_batches,
         default_ratio=ceiling,
     )
 

@@ -30,6 +30,7 @@ from agentprune.agents.master import MasterAgent, isomorphic_strategy
 from agentprune.agents.profiling_agent import ProfilingAgent
 from agentprune.agents.pruning_agent import PruningAgent
 from agentprune.agents.schemas import MasterDecision, Recovery, Strategy
+from agentprune.agents.settings import AgentsSettings
 from agentprune.pruning.settings import PruningError, TargetOutOfReach
 
 
@@ -148,15 +149,23 @@ class Coordinator:
     def __init__(
         self,
         llm: LLM,
-        agents_cfg: dict[str, Any],
+        settings: AgentsSettings,
         search: dict[str, Any],
         log=print,
     ) -> None:
+        """Args:
+        llm: the LLM (or the no-LLM default policies).
+        settings: the loop's settings.
+        search: ``structured.prune_to_target``'s keyword arguments of every trial (the plan's
+            window, as the prune step will use it).
+        log: line logger.
+        """
         self.llm = llm
-        self.cfg = agents_cfg
+        self.cfg = settings
+        self.recovery = dataclasses.asdict(settings.recovery)
         self.search = search
         self.log = log
-        self.anchored = bool(agents_cfg["anchor_default"])
+        self.anchored = settings.anchor_default
         self.profiling = ProfilingAgent()
         self.master = MasterAgent()
         self.analysis = AnalysisAgent()
@@ -193,7 +202,7 @@ class Coordinator:
         """
         start = time.perf_counter()
         answer, summary = self.profiling.run(
-            self.llm, profile, float(self.cfg["max_loss_increase"]), seed, self.anchored
+            self.llm, profile, self.cfg.max_loss_increase, seed, self.anchored
         )
         self._decided(answer.record("profiling"))
         ctx = TrialContext(
@@ -211,7 +220,7 @@ class Coordinator:
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         stop_reason = "max_iterations"
-        max_iterations = int(self.cfg["max_iterations"])
+        max_iterations = self.cfg.max_iterations
         for index in range(max_iterations):
             state = {
                 "target": target,
@@ -220,7 +229,7 @@ class Coordinator:
                 "risks": list(answer.decision.risks),
                 "bounds": ctx.caps,
                 "max_calibration_batches": ctx.ladder.bounds.max_calibration_batches,
-                "recovery": self.cfg["recovery"],
+                "recovery": self.recovery,
                 "base_val_top1": ctx.base_val_top1,
                 "history": history,
                 "trials_left": max_iterations - index,
@@ -242,9 +251,7 @@ class Coordinator:
             previous = None if best is None else best["val_top1"]
             if best is None or trial["val_top1"] > best["val_top1"]:
                 best = trial
-            if previous is not None and trial["val_top1"] - previous < float(
-                self.cfg["min_improvement"]
-            ):
+            if previous is not None and trial["val_top1"] - previous < self.cfg.min_improvement:
                 stop_reason = "min_improvement"
                 break
         while best is None:
@@ -257,7 +264,7 @@ class Coordinator:
     def _effective(self, decision: MasterDecision, ctx: TrialContext) -> dict[str, Any]:
         """The trial ``decision`` would run under the current bounds (every clamp applied)."""
         settings, _ = self._settings(decision.strategy, ctx)
-        recovery, _ = self.finetuning.run(decision.recovery, self.cfg["recovery"])
+        recovery, _ = self.finetuning.run(decision.recovery, self.recovery)
         return {"settings": settings.to_dict(), "recovery": recovery.model_dump()}
 
     def _settings(self, strategy: Strategy, ctx: TrialContext):
@@ -301,7 +308,7 @@ class Coordinator:
 
         trial_start = time.perf_counter()
         settings, applied = self._settings(strategy, ctx)
-        recovery, recovery_clamps = self.finetuning.run(requested, self.cfg["recovery"])
+        recovery, recovery_clamps = self.finetuning.run(requested, self.recovery)
         ctx.clamps.extend({**c, "trial": number} for c in applied + recovery_clamps)
         trial: dict[str, Any] = {
             "trial": number,
@@ -343,7 +350,7 @@ class Coordinator:
         )
         recovered = recover(
             model, ws.recovery, recovery.lr, recovery.steps, ctx.seed,
-            float(self.cfg["recovery"]["weight_decay"]),
+            self.cfg.recovery.weight_decay,
         )  # fmt: skip
         trial["recovery"] = {"lr": recovery.lr, "steps": recovery.steps, **recovered}
         trial.update(measure(model, ws.val, ws.eval_batch))
@@ -371,9 +378,7 @@ class Coordinator:
             }
         )
         strategy = isomorphic_strategy("heads" in ctx.kinds, calibration)
-        recovery = Recovery(
-            lr=float(self.cfg["recovery"]["lr"]), steps=int(self.cfg["recovery"]["steps"])
-        )
+        recovery = Recovery(lr=self.cfg.recovery.lr, steps=self.cfg.recovery.steps)
         source = {"strategy_source": "fallback", "default_reason": "no_trial"}
         trial = self._run_trial(len(history) + 1, strategy, recovery, source, "fallback", ctx, None)
         history.append(trial)
@@ -410,11 +415,11 @@ class Coordinator:
         remaining decision succeeded (1 + max_iterations decisions at most), so a dead endpoint
         fails after a few decisions instead of running a whole heuristic plan.
         """
-        if self.cfg["allow_fallback"]:
+        if self.cfg.allow_fallback:
             return
         failed, asked = llm_failures(self.decisions)
-        share = float(self.cfg["max_fallback_share"])
-        most = asked if final else max(asked, 1 + int(self.cfg["max_iterations"]))
+        share = self.cfg.max_fallback_share
+        most = asked if final else max(asked, 1 + self.cfg.max_iterations)
         if asked and failed > share * most:
             raise LLMUnavailableError(self._unavailable(failed, asked, share))
 

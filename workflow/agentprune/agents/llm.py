@@ -60,113 +60,26 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from agentprune.agents.local_llm import bundled_gguf, llama_cpp_available
+from agentprune.agents.llm_settings import (
+    LLMSettings,
+    bundled_gguf,
+    llama_cpp_available,
+)
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "openai", "llamacpp", "heuristic")
-RESPONSE_FORMATS = ("auto", "json_schema", "json_object")
-CACHE_MODES = ("readwrite", "read", "off")
 N_CTX = 4096
 _ERROR_CHARS = 500
 _REASK = (
     "Your previous reply was rejected: {error}. Reply again with only one JSON object that "
     "fixes this and matches the required schema exactly (no extra keys, no prose)."
 )
-
-
-# --------------------------------------------------------------------------------------------
-# settings
-
-
-@dataclass
-class LLMSettings:
-    """How the agents reach their LLM (the ``agents`` config section's LLM keys).
-
-    Attributes:
-        backend: ``auto`` | ``openai`` | ``llamacpp`` | ``heuristic``. ``auto`` is ``llamacpp``
-            when ``llama_cpp`` is importable and the GGUF (``model`` or the bundled one) exists,
-            else ``heuristic``.
-        model: openai: the model name (required); llamacpp: a GGUF path ("" = bundled SmolLM2).
-        base_url: openai: the server's base URL ("" = the SDK default).
-        api_key_env: the environment variable holding the API key (never stored).
-        temperature: sampling temperature.
-        timeout_s: per-request timeout in seconds.
-        max_retries: retries after transient errors (timeouts, connection errors, 408/429/5xx).
-        backoff_s: the first retry's backoff; retry ``k`` waits ``backoff_s * 2**k``.
-        max_reasks: re-asks after a reply that is not valid JSON or violates the schema.
-        max_tokens: completion token limit per request.
-        response_format: ``auto`` | ``json_schema`` | ``json_object`` (openai backend; see the
-            module docstring).
-        cache: ``readwrite`` | ``read`` | ``off``.
-        cache_dir: the response cache's folder ("" = no cache).
-    """
-
-    backend: str = "auto"
-    model: str = ""
-    base_url: str = ""
-    api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = 0.0
-    timeout_s: float = 30.0
-    max_retries: int = 3
-    backoff_s: float = 1.0
-    max_reasks: int = 1
-    max_tokens: int = 384
-    response_format: str = "auto"
-    cache: str = "readwrite"
-    cache_dir: str = ""
-
-    def __post_init__(self) -> None:
-        enums = {"backend": BACKENDS, "response_format": RESPONSE_FORMATS, "cache": CACHE_MODES}
-        minimum = {"temperature": 0.0, "timeout_s": 1e-3, "max_retries": 0, "backoff_s": 0.0}
-        minimum |= {"max_reasks": 0, "max_tokens": 1}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            key = f"agents.{f.name}"
-            kind = type(f.default)
-            if kind is str:
-                if isinstance(value, os.PathLike) and f.name in ("model", "cache_dir"):
-                    value = os.fspath(value)
-                    setattr(self, f.name, value)
-                if not isinstance(value, str):
-                    raise ValueError(f"{key}: expected a string, got {value!r}")
-                if f.name in enums and value not in enums[f.name]:
-                    raise ValueError(
-                        f"{key}: expected one of {', '.join(enums[f.name])}, got {value!r}"
-                    )
-            else:
-                is_int = isinstance(value, int) and not isinstance(value, bool)
-                is_num = is_int or isinstance(value, float)
-                if not (is_int if kind is int else is_num):
-                    what = "an integer" if kind is int else "a number"
-                    raise ValueError(f"{key}: expected {what}, got {value!r}")
-                if value < minimum[f.name]:
-                    raise ValueError(f"{key}: must be >= {minimum[f.name]}, got {value!r}")
-                if kind is float:
-                    setattr(self, f.name, float(value))
-
-    @classmethod
-    def from_config(cls, agents_cfg: dict | None, cache_dir_default: str = "") -> LLMSettings:
-        """Settings from the ``agents`` config section; unknown keys are left to the agents.
-
-        Args:
-            agents_cfg: the ``agents`` section (other keys, e.g. agent parameters, are ignored).
-            cache_dir_default: the cache folder when the section names none.
-
-        Raises:
-            ValueError: one line naming the key, for a bad enum value, type or range.
-        """
-        cfg = dict(agents_cfg or {})
-        kwargs = {f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None}
-        if not kwargs.get("cache_dir"):
-            kwargs["cache_dir"] = os.fspath(cache_dir_default or "")
-        return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,11 +400,12 @@ class LLM:
             is no LLM (heuristic backend), None when the LLM answered.
     """
 
-    def __init__(self, settings: LLMSettings, threads: int = 1) -> None:
+    def __init__(self, settings: LLMSettings | None, threads: int = 1) -> None:
         """Resolves the backend; nothing is loaded or contacted yet.
 
         Args:
-            settings: the LLM settings.
+            settings: the LLM settings; None: no LLM (every decision is the caller's fallback,
+                as with the ``heuristic`` backend).
             threads: CPU threads of the in-process llamacpp backend.
 
         Raises:
@@ -503,6 +417,10 @@ class LLM:
         self.last_failure: str | None = None
         self._calls = self._prompt_tokens = self._completion_tokens = self._cached = 0
         self._backend: _OpenAIBackend | _LlamaCppBackend | None = None
+        self._cache = None
+        if settings is None:
+            self.backend = self.model = "heuristic"
+            return
         backend = settings.backend
         gguf = Path(settings.model).expanduser() if settings.model else bundled_gguf()
         if backend == "auto":
@@ -519,7 +437,6 @@ class LLM:
             self._backend = _LlamaCppBackend(settings, gguf, threads)
         self.backend = backend
         self.model = self._backend.model if self._backend else "heuristic"
-        self._cache = None
         if self._backend and settings.cache_dir and settings.cache != "off":
             self._cache = _ResponseCache(settings.cache_dir, settings.cache)
 

@@ -6,15 +6,21 @@ and selection on validation accuracy, so the difference between them is what the
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
+from agentprune.agents.llm_settings import LLMSettings
+from agentprune.agents.settings import AgentsSettings, RecoverySettings
 from agentprune.pruning.methods import (
     StructuredRecipe,
-    register,
+    check_overrides,
     search_arguments,
-    search_section,
+    search_settings,
     structured_target,
 )
+from agentprune.pruning.registry import register
+from agentprune.pruning.settings import PrunerSettings
+from agentprune.settings import build, fail, plain
 
 
 @register
@@ -23,75 +29,93 @@ class MultiAgent(StructuredRecipe):
     settings by measured trials; ``plan.json`` holds the best trial and the whole transcript."""
 
     name = "multi_agent"
+    sections = ("agents", "prune", "profile", "evaluate", "results")
     uses_agents = True
     runs_trials = True
     needs_profile = True
-    config_section = "agents"
     ablation: ClassVar[str | None] = "agents_heuristic"
     needs_llm = True
     source = "agentprune multi-agent coordinator"
-    llm_backend: ClassVar[str | None] = None
-    """The backend this method forces (None: ``agents.backend``)."""
+    asks_llm: ClassVar[bool] = True
+    """Whether the loop's decisions go to the LLM (False: the default policies answer)."""
 
-    def plan(self, target, profile, overrides, context):
+    def resolve_settings(self, sections, overrides):
+        agents, prune = sections["agents"], sections["prune"]
+        llm = None
+        if self.asks_llm:
+            cache_dir = str(Path(sections["results"]) / "llm_cache")
+            try:
+                llm = LLMSettings.from_agents(agents, cache_dir)
+            except ValueError as err:
+                raise fail("agents", str(err)) from None
+        known = list(PrunerSettings.__dataclass_fields__)
+        checked = check_overrides(self.name, overrides, known)
+        build(PrunerSettings, checked, f"method_settings.{self.name}")  # every value of its type
+        return AgentsSettings(
+            llm=llm,
+            anchor_default=bool(agents["anchor_default"]),
+            max_fallback_share=float(agents["max_fallback_share"]),
+            allow_fallback=bool(agents["allow_fallback"]),
+            max_iterations=int(agents["max_iterations"]),
+            min_improvement=float(agents["min_improvement"]),
+            max_ratio=float(agents["max_ratio"]),
+            protect_factor=float(agents["protect_factor"]),
+            max_calibration_batches=int(agents["max_calibration_batches"]),
+            bounds=list(agents["bounds"]),
+            recovery=build(RecoverySettings, agents["recovery"], "agents.recovery"),
+            max_loss_increase=float(sections["profile"]["max_loss_increase"]),
+            calibration_batches=int(prune["calibration_batches"]),
+            search=search_settings(prune),
+            eval_batch=int(sections["evaluate"]["batch_size"]),
+            overrides=checked,
+        )
+
+    def load_settings(self, plain_settings):
+        return build(AgentsSettings, plain_settings, f"method_settings.{self.name}")
+
+    def plan(self, target, profile, settings, context):
         import torch
 
         from agentprune import data, models, train
         from agentprune.agents.analysis import run_bounds
         from agentprune.agents.coordinator import Coordinator, Workspace
         from agentprune.agents.evaluation import measure
-        from agentprune.agents.llm import LLM, LLMSettings
-        from agentprune.config import agents_settings
+        from agentprune.agents.llm import LLM
 
         start = time.perf_counter()
-        config = context["config"]
-        seed = int(context["seed"])
-        if context.get("threads"):
-            torch.set_num_threads(int(context["threads"]))
-        agents_cfg = {
-            **agents_settings(config),
-            "max_loss_increase": float(config["profile"]["max_loss_increase"]),
-        }
-        if self.llm_backend is not None:
-            agents_cfg["backend"] = self.llm_backend
-        prune_cfg = config["prune"]
+        seed = context.seed
+        if context.threads:
+            torch.set_num_threads(int(context.threads))
         train.seed_everything(seed)
-        base, desc = models.load(context["base_stem"])
-        splits = data.load_splits(config["dataset"], data_config=models.data_config_of(desc))
-        batch = int(prune_cfg["batch_size"])
-        bounds = run_bounds(
-            profile, agents_cfg, context["dataset"], context["model"], desc["timm_name"]
-        )
+        base, desc = models.load(context.base_stem)
+        splits = data.load_splits(context.data, data_config=models.data_config_of(desc))
+        batch = context.calibration_batch_size
+        bounds = run_bounds(profile, settings, context.dataset, context.model, desc["timm_name"])
         workspace = Workspace(
             base=base,
             example_inputs=data.example_inputs(splits.img_size),
             calibration=data.calibration_batches(
                 splits.train, bounds.max_calibration_batches, batch, seed
             ),
-            recovery=data.calibration_batches(
-                splits.train, int(agents_cfg["recovery"]["batches"]), batch, seed
-            ),
+            recovery=data.calibration_batches(splits.train, settings.recovery.batches, batch, seed),
             val=splits.val,
-            eval_batch=int(config["evaluate"]["batch_size"]),
+            eval_batch=settings.eval_batch,
         )
         base_val = measure(base, splits.val, workspace.eval_batch)["val_top1"]
-        llm = LLM(
-            LLMSettings.from_config(agents_cfg, str(agents_cfg["cache_dir"])),
-            threads=int(context.get("threads") or 1),
-        )
+        llm = LLM(settings.llm, threads=int(context.threads or 1))
         # The same target window (a GMACs target means GMACs) as the prune step will use.
-        target_doc = structured_target(float(target), context)
-        search = search_section(prune_cfg)
+        target_doc = structured_target(float(target), context.target_gmacs)
+        search = plain(settings.search)
         try:
             arguments = search_arguments({"search": search, "target": target_doc})
-            outcome = Coordinator(llm, agents_cfg, arguments).run(
+            outcome = Coordinator(llm, settings, arguments).run(
                 float(target),
                 profile,
                 bounds,
-                dict(overrides),
+                dict(settings.overrides),
                 workspace,
                 seed,
-                int(prune_cfg["calibration_batches"]),
+                settings.calibration_batches,
                 base_val,
             )
         finally:
@@ -102,14 +126,14 @@ class MultiAgent(StructuredRecipe):
             planner="Coordinator",
             llm_model=llm.model,
             recipe_source=self.source,
-            allow_fallback=bool(agents_cfg["allow_fallback"]),
+            allow_fallback=settings.allow_fallback,
             planning_seconds=time.perf_counter() - start,
         )
         plan = {
             "method": self.name,
             "family": self.family,
-            "dataset": context["dataset"],
-            "model": context["model"],
+            "dataset": context.dataset,
+            "model": context.model,
             "seed": seed,
             "target": target_doc,
             "search": search,
@@ -124,12 +148,13 @@ class MultiAgent(StructuredRecipe):
 class AgentsHeuristic(MultiAgent):
     """The multi-agent loop with no LLM: every decision is the default policy's (the isomorphic
     recipe first, then a protective allocation, then more calibration), with the same trials,
-    bounds and selection as ``multi_agent``. The ablation every LLM result is compared with."""
+    bounds and selection as ``multi_agent``. The ablation every LLM result is compared with.
+    Its settings leave the LLM keys out, so changing the LLM reruns only ``multi_agent``."""
 
     name = "agents_heuristic"
     ablation = None
     needs_llm = False
-    llm_backend = "heuristic"
+    asks_llm = False
     source = "agentprune multi-agent coordinator, default policies only (no LLM)"
 
 

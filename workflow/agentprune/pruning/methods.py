@@ -1,120 +1,26 @@
-"""The method registry: method name -> strategy object.
+"""The fixed recipes: structured (Torch-Pruning settings searched to a MACs target) and
+unstructured (score every prunable weight, zero the lowest at the target sparsity).
 
-A method knows how to *plan* (write the ``plan.json`` decision) and how to *prune* (carry a plan
-out on a base model). The rest of the pipeline only calls :func:`get` and never branches on a
-method's name, so a new method is one class plus one ``@register`` line.
+Each is one class and one ``@register`` line (see :mod:`agentprune.pruning.registry`); their
+settings come from the ``prune`` section and the method's ``method_settings`` entry, whose keys
+are checked against what the recipe accepts before any job runs.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
-from agentprune.pruning.settings import GMACS_TOLERANCE, MODES, PrunerSettings, PruningError
-
-if TYPE_CHECKING:  # torch stays out of planning and config checks, which need none of it
-    import torch
-    from torch import nn
-
-REGISTRY: dict[str, Method] = {}
+from agentprune.pruning.registry import Method, PlanContext, register
+from agentprune.pruning.settings import MODES, PrunerSettings, PruningError
+from agentprune.settings import SearchSettings, build, fail, plain, unknown_keys
 
 
-class UnknownMethodError(KeyError):
-    """A method name that is not in the registry."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding one instance of ``cls`` to the registry under ``cls.name``."""
-    REGISTRY[cls.name] = cls()
-    return cls
-
-
-def get(name: str) -> Method:
-    """The registered method called ``name``."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise UnknownMethodError(
-            f"method {name!r} is not registered (known: {', '.join(sorted(REGISTRY))})"
-        ) from None
-
-
-def names() -> list[str]:
-    """All registered method names."""
-    return sorted(REGISTRY)
-
-
-class Method:
-    """A pruning method: a planner plus a pruner.
-
-    Attributes:
-        name: the registry key and the ``{method}`` wildcard.
-        family: ``structured`` (the ratio is the fraction of MACs removed) or ``unstructured`` (the
-            ratio is the sparsity of the prunable weights).
-        uses_agents: the plan comes from the LLM agents (its transcript goes into the report).
-        runs_trials: the planner prunes, fine-tunes and evaluates trial models, so planning is as
-            heavy as the run itself (the workflow's ``plan_trials`` rule: a GPU job on a cluster).
-        needs_profile: the planner reads ``profile.json`` (the CLI profiles only for these).
-        config_section: the top-level config section the planner reads (a change there reruns
-            this method's chain only).
-        ablation: the registered method that is this one without its distinguishing part (the
-            agents' loop without an LLM): the tables pair the two.
-        needs_llm: the planner asks an LLM (a config without a usable one is an error).
-    """
-
-    name: ClassVar[str] = ""
-    family: ClassVar[str] = "structured"
-    uses_agents: ClassVar[bool] = False
-    runs_trials: ClassVar[bool] = False
-    needs_profile: ClassVar[bool] = False
-    config_section: ClassVar[str | None] = None
-    ablation: ClassVar[str | None] = None
-    needs_llm: ClassVar[bool] = False
-
-    def plan(
-        self,
-        target: float,
-        profile: dict[str, Any],
-        overrides: dict[str, Any],
-        context: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Decide how to prune; the returned dict is ``plan.json``.
-
-        Args:
-            target: the ``{ratio}`` wildcard.
-            profile: the base model's ``profile.json``.
-            overrides: the config's ``method_settings[name]`` (user overrides of the recipe).
-            context: identity and config: ``dataset``, ``model``, ``seed``, ``config``.
-        """
-        raise NotImplementedError
-
-    def prune(
-        self,
-        base: nn.Module,
-        plan: dict[str, Any],
-        example_inputs: torch.Tensor,
-        calibration: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        seed: int,
-        prune_cfg: dict[str, Any],
-    ) -> tuple[nn.Module, dict[str, Any]]:
-        """Carry ``plan`` out on a copy of ``base``; return the pruned model and a report.
-
-        The report should hold ``macs`` and ``params`` of the pruned model (counted with
-        ``tp.utils.count_ops_and_params``); the evaluate step reuses them.
-        """
-        raise NotImplementedError
-
-    def masks(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """Masks that must stay applied during fine-tuning (None: the shapes carry the pruning)."""
-        return None
-
-
-def _provenance(planner: str, source: str, seconds: float) -> dict[str, Any]:
+def fixed_provenance(planner: str, source: str, seconds: float = 0.0) -> dict[str, Any]:
+    """The provenance of a fixed recipe's plan: no LLM, no trials."""
     return {
         "backend": "fixed",
         "planner": planner,
@@ -128,23 +34,23 @@ def _provenance(planner: str, source: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def structured_target(target: float, context: dict[str, Any]) -> dict[str, Any]:
+def structured_target(target: float, target_gmacs: float | None) -> dict[str, Any]:
     """``plan.json``'s target of a structured method: the MACs fraction to remove, and the GMACs
-    it came from when it was given in GMACs (``context["target_gmacs"]``, set by the plan step)."""
+    it came from when it was given in GMACs."""
     out: dict[str, Any] = {"metric": "macs_fraction_removed", "value": float(target)}
-    if context.get("target_gmacs") is not None:
-        out["gmacs"] = float(context["target_gmacs"])
+    if target_gmacs is not None:
+        out["gmacs"] = float(target_gmacs)
     return out
 
 
-def search_section(prune_cfg: dict[str, Any], mode: str = "macs_targeted") -> dict[str, Any]:
-    """``plan.json``'s ``search`` of a structured method: the windows, the steps and the mode."""
-    return {
-        "tolerance": float(prune_cfg["tolerance"]),
-        "gmacs_tolerance": float(prune_cfg.get("gmacs_tolerance", GMACS_TOLERANCE)),
-        "max_steps": int(prune_cfg["max_search_steps"]),
-        "mode": mode,
-    }
+def search_settings(prune: Mapping[str, Any], mode: str = "macs_targeted") -> SearchSettings:
+    """The MACs search of a structured plan, from the ``prune`` section."""
+    return SearchSettings(
+        tolerance=float(prune["tolerance"]),
+        gmacs_tolerance=float(prune["gmacs_tolerance"]),
+        max_steps=int(prune["max_search_steps"]),
+        mode=mode,
+    )
 
 
 def search_arguments(plan: dict[str, Any]) -> dict[str, Any]:
@@ -154,20 +60,65 @@ def search_arguments(plan: dict[str, Any]) -> dict[str, Any]:
         "tolerance": float(search["tolerance"]),
         "max_steps": int(search["max_steps"]),
         "target_gmacs": plan["target"].get("gmacs"),
-        "gmacs_tolerance": float(search.get("gmacs_tolerance", GMACS_TOLERANCE)),
-        "mode": str(search.get("mode", "macs_targeted")),
+        "gmacs_tolerance": float(search["gmacs_tolerance"]),
+        "mode": str(search["mode"]),
     }
+
+
+def check_overrides(method: str, overrides: Mapping[str, Any], known: list[str]) -> dict[str, Any]:
+    """A method's ``method_settings`` entry, whose keys must be in ``known``.
+
+    Raises:
+        ConfigError: one line naming the unknown key (and a close known one).
+    """
+    if not isinstance(overrides, Mapping):
+        raise fail(f"method_settings.{method}", "expected a mapping of settings")
+    if set(overrides) - set(known):
+        raise fail(f"method_settings.{method}", unknown_keys(overrides, known))
+    return dict(overrides)
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    """A structured recipe's settings: the default calibration batches (``prune``), the MACs
+    search, and the user's ``method_settings`` overrides of the recipe's pruner settings."""
+
+    calibration_batches: int
+    search: SearchSettings
+    overrides: dict[str, Any]
 
 
 class StructuredRecipe(Method):
     """A fixed structured recipe: Torch-Pruning settings searched to the MACs target."""
 
     family = "structured"
+    sections = ("prune",)
     recipe: ClassVar[dict[str, Any]] = {}
     source: ClassVar[str] = ""
+    extra_keys: ClassVar[tuple[str, ...]] = ()
+    """``method_settings`` keys besides the pruner settings' (e.g. isomorphic's ``mode``)."""
+
+    def resolve_settings(self, sections, overrides):
+        known = [f.name for f in fields(PrunerSettings)] + list(self.extra_keys)
+        checked = check_overrides(self.name, overrides, known)
+        pruner = {k: v for k, v in checked.items() if k not in self.extra_keys}
+        where = f"method_settings.{self.name}"
+        build(PrunerSettings, {**self.recipe, **pruner}, where)  # every value of its type
+        try:  # ... and the recipe with the overrides valid pruner settings
+            PrunerSettings.from_dict({**self.recipe, **pruner})
+        except (PruningError, TypeError, ValueError) as err:
+            raise fail(where, str(err)) from None
+        return RecipeSettings(
+            calibration_batches=int(sections["prune"]["calibration_batches"]),
+            search=search_settings(sections["prune"]),
+            overrides=checked,
+        )
+
+    def load_settings(self, plain_settings):
+        return build(RecipeSettings, plain_settings, f"method_settings.{self.name}")
 
     def resolve(
-        self, overrides: dict[str, Any], context: dict[str, Any]
+        self, overrides: dict[str, Any], context: PlanContext
     ) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
         """The recipe's pruner settings for this run, the search mode, and a provenance record.
 
@@ -180,30 +131,30 @@ class StructuredRecipe(Method):
         """
         return {**self.recipe, **overrides}, "macs_targeted", None
 
-    def plan(self, target, profile, overrides, context):
+    def plan(self, target, profile, settings, context):
         start = time.perf_counter()
-        prune_cfg = context["config"]["prune"]
-        recipe, mode, record = self.resolve(dict(overrides), context)
-        settings = PrunerSettings.from_dict(
-            {"calibration_batches": int(prune_cfg["calibration_batches"]), **recipe}
+        recipe, mode, record = self.resolve(dict(settings.overrides), context)
+        pruner = PrunerSettings.from_dict(
+            {"calibration_batches": settings.calibration_batches, **recipe}
         )
-        provenance = _provenance(type(self).__name__, self.source, 0.0)
+        provenance = fixed_provenance(type(self).__name__, self.source, 0.0)
         if record is not None:
             provenance["recipe"] = record
         provenance["planning_seconds"] = time.perf_counter() - start
+        search = {**plain(settings.search), "mode": mode}
         return {
             "method": self.name,
             "family": self.family,
-            "dataset": context["dataset"],
-            "model": context["model"],
-            "seed": context["seed"],
-            "target": structured_target(target, context),
-            "pruner": settings.to_dict(),
-            "search": search_section(prune_cfg, mode),
+            "dataset": context.dataset,
+            "model": context.model,
+            "seed": context.seed,
+            "target": structured_target(target, context.target_gmacs),
+            "pruner": pruner.to_dict(),
+            "search": search,
             "provenance": provenance,
         }
 
-    def prune(self, base, plan, example_inputs, calibration, seed, prune_cfg):
+    def prune(self, base, plan, example_inputs, calibration, seed):
         from agentprune.pruning import structured
 
         settings = PrunerSettings.from_dict(plan["pruner"])
@@ -254,14 +205,6 @@ def architecture(timm_name: str) -> str:
     """A timm name without its pretrained tag (``convnext_base.fb_in1k`` -> ``convnext_base``): the
     tag names weights, not a structure."""
     return timm_name.split(".", 1)[0]
-
-
-def timm_name_of(context: dict[str, Any]) -> str | None:
-    """The timm name of the plan's model (its ``config.models`` entry), None if not listed."""
-    for entry in context["config"].get("models", []):
-        if entry.get("name") == context["model"]:
-            return entry.get("timm")
-    return None
 
 
 def _check_published_row(row: Any, where: str) -> None:
@@ -339,6 +282,7 @@ class Isomorphic(StructuredRecipe):
     """
 
     name = "isomorphic"
+    extra_keys = ("published", "mode")
     recipe = {
         "importance": "taylor",
         "global_pruning": True,
@@ -353,12 +297,25 @@ class Isomorphic(StructuredRecipe):
     }
     source = "Isomorphic-Pruning (arXiv 2407.04616) prune.py and scripts/pruning/*.sh"
 
+    def resolve_settings(self, sections, overrides):
+        settings = super().resolve_settings(sections, overrides)
+        rows = settings.overrides.get("published") or []
+        if not isinstance(rows, list):
+            raise fail("method_settings.isomorphic.published", "expected a list of rows")
+        for i, row in enumerate(rows):
+            try:
+                _check_published_row(row, f"method_settings.isomorphic.published[{i}]")
+            except PruningError as err:
+                raise fail(f"method_settings.isomorphic.published.{i}", str(err)) from None
+        mode = settings.overrides.get("mode", "macs_targeted")
+        if mode not in MODES:
+            raise fail("method_settings.isomorphic.mode", f"{mode!r} is not one of {MODES}")
+        return settings
+
     def resolve(self, overrides, context):
         rows = list(overrides.pop("published", None) or [])
         mode = str(overrides.pop("mode", "macs_targeted"))
-        if mode not in MODES:
-            raise PruningError(f"method_settings.isomorphic.mode={mode!r} is not one of {MODES}")
-        timm_name, gmacs = timm_name_of(context), context.get("target_gmacs")
+        timm_name, gmacs = context.timm, context.target_gmacs
         row = published_row(rows, timm_name, gmacs)
         if row is None and mode == "as_published":
             what = f"{timm_name} at {gmacs:g} GMACs" if gmacs is not None else "a ratio target"
@@ -426,32 +383,59 @@ class Random(StructuredRecipe):
     source = "random baseline"
 
 
+@dataclass(frozen=True)
+class UnstructuredSettings:
+    """An unstructured recipe's settings (``plan.json``'s ``pruner``).
+
+    Attributes:
+        include: module-name globs of the prunable layers (the classifier is always excluded).
+        exclude: module-name globs never pruned.
+        calibration_batches: calibration batches for data-driven scores (``prune`` section).
+        scores: the score (``magnitude``, ``wanda``).
+        per_row: compare scores within output rows (else within the layer).
+    """
+
+    include: list[str]
+    exclude: list[str]
+    calibration_batches: int
+    scores: str
+    per_row: bool
+
+
 class UnstructuredRecipe(Method):
     """A one-shot unstructured recipe: score every prunable weight, zero the lowest-scored ones
     at exactly the target sparsity of each layer."""
 
     family = "unstructured"
+    sections = ("prune",)
     recipe: ClassVar[dict[str, Any]] = {}
     source: ClassVar[str] = ""
 
-    def plan(self, target, profile, overrides, context):
-        start = time.perf_counter()
-        pruner = {
+    def resolve_settings(self, sections, overrides):
+        known = [f.name for f in fields(UnstructuredSettings)]
+        values = {
             "include": ["*"],
             "exclude": [],
-            "calibration_batches": int(context["config"]["prune"]["calibration_batches"]),
+            "calibration_batches": int(sections["prune"]["calibration_batches"]),
             **self.recipe,
-            **overrides,
+            **check_overrides(self.name, overrides, known),
         }
+        return build(UnstructuredSettings, values, f"method_settings.{self.name}")
+
+    def load_settings(self, plain_settings):
+        return build(UnstructuredSettings, plain_settings, f"method_settings.{self.name}")
+
+    def plan(self, target, profile, settings, context):
+        start = time.perf_counter()
         return {
             "method": self.name,
             "family": self.family,
-            "dataset": context["dataset"],
-            "model": context["model"],
-            "seed": context["seed"],
+            "dataset": context.dataset,
+            "model": context.model,
+            "seed": context.seed,
             "target": {"metric": "sparsity", "value": float(target)},
-            "pruner": pruner,
-            "provenance": _provenance(
+            "pruner": plain(settings),
+            "provenance": fixed_provenance(
                 type(self).__name__, self.source, time.perf_counter() - start
             ),
         }
@@ -460,7 +444,7 @@ class UnstructuredRecipe(Method):
         """Per-layer weight scores (higher keeps)."""
         raise NotImplementedError
 
-    def prune(self, base, plan, example_inputs, calibration, seed, prune_cfg):
+    def prune(self, base, plan, example_inputs, calibration, seed):
         import copy
 
         from agentprune.pruning import unstructured
@@ -525,9 +509,3 @@ class Wanda(UnstructuredRecipe):
 
         batches = calibration[: int(pruner["calibration_batches"])]
         return unstructured.wanda_scores(model, layers, batches)
-
-
-# The agents' method registers itself on import; it lives with the agents because it is one of
-# them. Imported last, once everything it subclasses exists.
-from agentprune.agents import method as _multi_agent  # noqa: E402, F401
-from agentprune.pruning.icbs import method as _icbs  # noqa: E402, F401

@@ -4,7 +4,6 @@ that planning and config checks stay cheap."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,8 +12,6 @@ ATTENTION_SCALES = ("keep", "recompute")
 # How a structured plan meets its target: search the global knob until the MACs land in the window
 # (the study default), or prune once at the recipe's own ratios and report what results.
 MODES = ("macs_targeted", "as_published")
-# The window around a target given in GMACs, as a fraction of that target (prune.gmacs_tolerance).
-GMACS_TOLERANCE = 0.005
 # Block sequences remove_blocks can shorten: those a timm depth override can rebuild.
 BLOCK_PATHS = r"blocks|stages\.-?\d+\.blocks"
 
@@ -143,21 +140,3 @@ class PrunerSettings:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return asdict(self)
-
-
-def gmacs_target(model_entry: Mapping[str, Any], ratio: float) -> float | None:
-    """The ``targets_gmacs`` entry of a ``models`` entry whose ``{ratio}`` wildcard is ``ratio``.
-
-    A target given in GMACs is searched within :data:`GMACS_TOLERANCE` of itself, not within
-    ``prune.tolerance`` of the rounded ratio, so the plan step recovers the GMACs behind a ratio.
-
-    Returns:
-        The GMACs target, or None when ``ratio`` is not one of the entry's GMACs targets.
-    """
-    from agentprune.config import fmt_ratio, target_ratio
-
-    base = model_entry.get("base_gmacs")
-    for target in model_entry.get("targets_gmacs") or []:
-        if base and fmt_ratio(target_ratio(target, base)) == fmt_ratio(ratio):
-            return float(target)
-    return None

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from agentprune.pruning.settings import (
-    GMACS_TOLERANCE,
     IMPORTANCES,
     MODES,
     PrunerSettings,
@@ -626,11 +625,11 @@ def prune_to_target(
     example_inputs: torch.Tensor,
     calibration: Sequence[tuple[torch.Tensor, torch.Tensor]],
     seed: int,
-    tolerance: float = 0.005,
-    max_steps: int = 30,
     *,
+    tolerance: float,
+    max_steps: int,
+    gmacs_tolerance: float,
     target_gmacs: float | None = None,
-    gmacs_tolerance: float = GMACS_TOLERANCE,
     mode: str = "macs_targeted",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``base`` so that its MACs land in the target window.

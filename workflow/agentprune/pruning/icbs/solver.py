@@ -25,7 +25,8 @@ Algorithm (implemented from the description above; no reference code was consult
   ``sweeps`` sweeps, and **one sweep is ``n`` proposals** (accepted or not).
 * **Restarts.** Each restart starts from a uniformly random ``k``-subset and keeps the lowest-energy
   state seen at the end of any level (the final state, for a schedule that ends cold). Restarts run
-  in parallel (numba ``prange``); restart ``r`` draws all its random numbers from its own
+  in parallel (numba ``prange``, on the workqueue threading layer; one numba thread runs a serial
+  kernel instead); restart ``r`` draws all its random numbers from its own
   splitmix64 stream seeded by ``numpy.random.SeedSequence(seed, spawn_key=(r,))``, and the best
   restart is chosen by exact energy with ties going to the lowest index, so the result depends on
   ``seed`` only and not on the number of threads.
@@ -44,10 +45,19 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import os
 from typing import Any
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+# numba's OpenMP threading layer next to torch's OpenMP runtime makes torch's kernels in the same
+# process an order of magnitude slower once the annealer has run in parallel (measured: a 14 ms
+# ConvNeXt forward pass took 250 ms); the workqueue layer has no such interaction. An explicit
+# NUMBA_THREADING_LAYER wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 __all__ = ["anneal", "beta_schedule", "energy", "exhaustive", "restart_seeds"]
 
@@ -216,6 +226,29 @@ def _anneal_restarts(
     """Runs one :func:`_anneal_one` per seed in parallel into ``xs[r]`` and ``energies[r]``."""
     for r in prange(seeds.shape[0]):
         energies[r] = _anneal_one(q, k, betas, steps, seeds[r], xs[r])
+
+
+@njit(cache=True)
+def _anneal_restarts_serial(
+    q: np.ndarray,
+    k: int,
+    betas: np.ndarray,
+    steps: int,
+    seeds: np.ndarray,
+    xs: np.ndarray,
+    energies: np.ndarray,
+) -> None:
+    """:func:`_anneal_restarts` on the calling thread (the same results: one stream per seed)."""
+    for r in range(seeds.shape[0]):
+        energies[r] = _anneal_one(q, k, betas, steps, seeds[r], xs[r])
+
+
+def _restart_kernel(restarts: int) -> Any:
+    """The serial kernel when one thread would run the restarts anyway: it starts no thread pool,
+    loads faster from the cache, and leaves the process's OpenMP (torch's) undisturbed."""
+    if restarts == 1 or numba.get_num_threads() == 1:
+        return _anneal_restarts_serial
+    return _anneal_restarts
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -410,7 +443,8 @@ def anneal(
         return trivial
     xs = np.zeros((restarts, n), dtype=np.int8)
     energies = np.empty(restarts, dtype=np.float64)
-    _anneal_restarts(qs, k, betas, sweeps * n, restart_seeds(seed, restarts), xs, energies)
+    kernel = _restart_kernel(restarts)
+    kernel(qs, k, betas, sweeps * n, restart_seeds(seed, restarts), xs, energies)
     best = int(np.argmin(energies))  # first minimum: deterministic tie-break
     x = xs[best].copy()
     return x, energy(q, x)
