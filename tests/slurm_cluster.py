@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -53,6 +54,23 @@ class SlurmJob:
     tres_per_job: str
     tres_per_node: str
     exit_code: int | None
+    tres_req: str = ""
+    """What the job asked for, e.g. ``cpu=1,mem=2000M,node=1,billing=1,gres/gpu=1``."""
+
+    @property
+    def cpus(self) -> int:
+        """CPUs the job requested."""
+        match = re.search(r"(?:^|,)cpu=(\d+)", self.tres_req)
+        return int(match[1]) if match else 0
+
+    @property
+    def mem_mb(self) -> float:
+        """Memory the job requested, in MB."""
+        match = re.search(r"(?:^|,)mem=([\d.]+)([KMGT]?)", self.tres_req)
+        if not match:
+            return 0.0
+        scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[match[2]]
+        return float(match[1]) * scale
 
     @property
     def rule(self) -> str | None:
@@ -226,6 +244,7 @@ class SlurmCluster:
                     tres_per_job=raw.get("tres_per_job") or "",
                     tres_per_node=raw.get("tres_per_node") or "",
                     exit_code=exit_code,
+                    tres_req=raw.get("tres_req_str") or "",
                 )
             )
         return sorted(jobs, key=lambda job: job.job_id)

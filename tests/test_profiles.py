@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -17,12 +18,20 @@ GPU_RULES = ("download_model", "plan_trials", "prune", "finetune", "evaluate")
 CPU_RULES = ("profile", "plan")
 
 
-def evaluate(value: object, attempt: int = 1, threads: int = 8) -> object:
-    """A profile resource value as Snakemake evaluates it for one job."""
+def evaluate(value: object, attempt: int = 1, threads: int = 8, size_mb: float = 10.0) -> object:
+    """A profile resource value as Snakemake evaluates it for one job whose inputs weigh
+    ``size_mb`` (Snakemake's ``input.size_mb``)."""
     if not isinstance(value, str):
         return value
+    inputs = SimpleNamespace(size_mb=size_mb)
     return Resource.cli_evaluator(
-        "resource", value, wildcards={}, input=[], attempt=attempt, threads=threads, async_run=None
+        "resource",
+        value,
+        wildcards={},
+        input=inputs,
+        attempt=attempt,
+        threads=threads,
+        async_run=None,
     )
 
 
@@ -72,6 +81,18 @@ def test_memory_and_time_grow_with_attempt(rule: str) -> None:
         values = [evaluate(res[key], attempt=a) for a in (1, 2, 3)]
         assert all(isinstance(v, int) and v > 0 for v in values), (key, values)
         assert values[0] < values[1] < values[2], (key, values)
+
+
+@pytest.mark.parametrize("rule", GPU_RULES + CPU_RULES)
+def test_requests_follow_the_input_size_within_bounds(rule: str) -> None:
+    """A tiny model asks for the floor (fits a laptop-sized node); a 7B-sized one for more, capped."""
+    res = {**SLURM["default-resources"], **SLURM["set-resources"][rule]}
+    small, large = (evaluate(res["mem_mb"], size_mb=mb) for mb in (1.0, 30_000.0))
+    threads = [evaluate(SLURM["set-threads"][rule], size_mb=mb) for mb in (1.0, 30_000.0)]
+    assert 1000 <= small <= 4000 and small <= large <= 64_000
+    assert threads[0] == 1
+    if rule != "plan":  # a fixed recipe reads no model: a constant request
+        assert large > small and threads[1] == 8
 
 
 @pytest.mark.parametrize("rule", CPU_RULES)

@@ -26,7 +26,6 @@ import pytest
 import yaml
 from slurm_cluster import SlurmCluster, SlurmJob, SlurmStartError
 from smoke import ROOT, SMOKE
-from snakemake.resources import Resource
 from system_packages import ensure_debian_packages
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
@@ -76,36 +75,9 @@ def gpu_rules(profile: dict[str, Any]) -> set[str]:
     return {rule for rule, res in profile.get("set-resources", {}).items() if res.get("gpu")}
 
 
-def largest_memory_mb(profile: dict[str, Any]) -> int:
-    """The largest ``mem_mb`` any job can request under the profile (at its last retry).
-
-    The profile is sized for ImageNet on cluster nodes (up to 64 GB, more on retries); the test
-    node declares at least this much so that Slurm accepts every request.
-    """
-    attempt = int(profile.get("retries", 0)) + 1
-    values = [profile.get("default-resources", {}).get("mem_mb")]
-    values += [res.get("mem_mb") for res in profile.get("set-resources", {}).values()]
-    return max(
-        int(
-            Resource.cli_evaluator(
-                "mem_mb", v, wildcards={}, input=[], attempt=attempt, threads=1, async_run=None
-            )
-            if isinstance(v, str)
-            else v
-        )
-        for v in values
-        if v is not None
-    )
-
-
 def snakemake_command(workdir: Path, profile: dict[str, Any], *extra: str) -> list[str]:
-    """The smoke grid's command line through the SLURM profile.
-
-    ``--set-threads`` on the command line replaces the profile's as a whole: one thread per job,
-    because the node has two CPUs and the profile's eight could never be allocated.
-    ``cpus_per_gpu`` is ``threads`` in the profile, so the GPU rules follow.
-    """
-    threads = [f"{rule}=1" for rule in profile["set-threads"]]
+    """The smoke grid's command line through the SLURM profile, as a user types it: the profile's
+    own threads and resources, which follow the size of each job's model files."""
     return [
         sys.executable, "-m", "snakemake",
         "--snakefile", str(ROOT / "Snakefile"),
@@ -115,7 +87,6 @@ def snakemake_command(workdir: Path, profile: dict[str, Any], *extra: str) -> li
         "--slurm-no-account",
         "--slurm-init-seconds-before-status-checks", "2",
         "--seconds-between-status-checks", "2",
-        "--set-threads", *threads,
         *extra,
         # Last: --configfile takes any number of values, so targets after it would be swallowed.
         "--configfile", str(SMOKE),
@@ -205,7 +176,7 @@ def slurm_run(tmp_path_factory: pytest.TempPathFactory) -> SlurmRun:
         tmp_path_factory.mktemp("slurm"),
         partitions=(DEFAULT_PARTITION, CPU_PARTITION, GPU_PARTITION),
         gpus=2,  # two GPU jobs side by side, one per CPU
-        memory_mb=largest_memory_mb(profile),
+        memory_mb=None,  # the machine's real memory, from slurmd -C
     )
     env = cluster.env()  # also drops SLURM_ACCOUNT: the test cluster has no accounts
     env |= {"AGENTPRUNE_CPU_PARTITION": CPU_PARTITION, "AGENTPRUNE_GPU_PARTITION": GPU_PARTITION}
@@ -278,6 +249,16 @@ def test_gpu_rules_run_in_the_gpu_partition_with_one_gpu(slurm_run: SlurmRun) ->
         job for job in jobs if job.partition != GPU_PARTITION or job.tres_per_job not in ONE_GPU
     ]
     assert not wrong, slurm_run.diagnostics
+
+
+def test_requests_fit_a_small_node(slurm_run: SlurmRun) -> None:
+    """The smoke grid's jobs ask for what they use: one CPU and a few GB each, so that a 2-CPU
+    node with its real memory runs them (the paper grid's models get 8 CPUs and 32-64 GB: see
+    tests/test_profiles.py)."""
+    jobs = slurm_run.jobs
+    assert jobs and all(job.tres_req for job in jobs), slurm_run.diagnostics
+    too_big = [job for job in jobs if job.cpus > 1 or job.mem_mb > 4000]
+    assert not too_big, [(job.rule, job.tres_req) for job in too_big]
 
 
 def test_cpu_rules_run_in_the_cpu_partition_without_a_gpu(slurm_run: SlurmRun) -> None:
