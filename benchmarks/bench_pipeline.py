@@ -1,23 +1,50 @@
-"""Time a cold run of the workflow and a no-op rerun, and print the figures.
+"""Time a cold run of the workflow and a no-op rerun, and print the figures of record.
 
 Usage:
     python benchmarks/bench_pipeline.py [--configfile config/smoke.yaml] [--cores 2] [--keep DIR]
+    python benchmarks/bench_pipeline.py --analyze DIR    # only the figures of a finished run
 
-The cold run starts from an empty working directory, so it includes training the base models. It is
-a benchmark that prints numbers, not a test: it asserts nothing about time.
+The cold run starts from an empty working directory, so it includes training the base models.
+Besides the cold and no-op wall seconds it prints:
+
+* CPU seconds per step (mean and total over the jobs), from the runs' ``benchmark:`` files, which
+  Snakemake measures around the whole job (interpreter start and imports included);
+* the start-up seconds a job pays before its step does any work: a fresh interpreter importing
+  what each step's script imports, median of 3, measured here and now;
+* the number of significant paired comparisons (Holm, ``results/stats/comparisons.csv``) per
+  model and family, after fine-tuning (``top1``) and before it (``top1_pruned``).
+
+It is a benchmark that prints numbers, not a test: it asserts nothing about time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+from agentprune import benchmarks, resolve
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# What each per-run job imports before its step does any work (scripts/<step>.py and the
+# libraries steps.py loads for that step).
+STEP_IMPORTS = {
+    "plan (recipe)": "from agentprune import steps; from agentprune.pruning import catalog",
+    "plan (trials)": "import torch, timm; from agentprune import steps; "
+    "from agentprune.pruning import catalog; import agentprune.agents.method",
+    "prune": "import torch, timm, torch_pruning; from agentprune import steps, models; "
+    "from agentprune.pruning import catalog",
+    "finetune": "import torch, timm; from agentprune import steps, train, data, models",
+    "evaluate": "import torch, timm; from agentprune import steps, evaluate, data, models",
+    "run_card": "from agentprune import run_card, steps",
+}
 
 
 def snakemake(workdir: Path, cores: int, configfiles: list[str]) -> float:
@@ -30,27 +57,89 @@ def snakemake(workdir: Path, cores: int, configfiles: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def startup_seconds(statement: str, repeats: int = 3) -> float:
+    """Median wall seconds of a fresh interpreter that runs ``statement`` and exits."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", statement], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_cpu(results: Path) -> dict[str, dict[str, float]]:
+    """Per step: jobs, mean and total CPU and wall seconds from the benchmark files."""
+    files = sorted((results / "benchmarks").glob("*/*/*/r*/s*/*.tsv"))
+    if not files:
+        return {}
+    frame = benchmarks.collect(files)
+    out = {}
+    for step, group in frame.groupby("step", sort=False):
+        out[str(step)] = {
+            "jobs": len(group),
+            "cpu_s_mean": round(float(group["cpu_seconds"].mean()), 2),
+            "cpu_s_total": round(float(group["cpu_seconds"].sum()), 1),
+            "wall_s_mean": round(float(group["seconds"].mean()), 2),
+        }
+    return out
+
+
+def significant(results: Path) -> dict[str, dict[str, str]]:
+    """Per model and family: significant/all comparisons after and before fine-tuning."""
+    path = results / "stats" / "comparisons.csv"
+    if not path.is_file():
+        return {}
+    table = pd.read_csv(path)
+    out: dict[str, dict[str, str]] = {}
+    for (model, family), group in table.groupby(["model", "family"]):
+        cells = {}
+        for metric, label in (("top1", "finetuned"), ("top1_pruned", "one_shot")):
+            rows = group[group["metric"] == metric]
+            cells[label] = f"{int(rows['significant'].sum())}/{len(rows)}"
+        out[f"{model}/{family}"] = cells
+    return out
+
+
+def figures(workdir: Path, results: str) -> dict[str, object]:
+    """Everything but the wall times, read from a finished run in ``workdir``."""
+    root = workdir / results
+    return {
+        "runs": len(list(root.glob("*/*/*/r*/s*/metrics.json"))),
+        "cpu_seconds_per_step": step_cpu(root),
+        "startup_seconds_per_job": {
+            step: round(startup_seconds(imports), 2) for step, imports in STEP_IMPORTS.items()
+        },
+        "significant_comparisons": significant(root),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configfile", nargs="*", default=[], help="extra config files")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="run in this directory instead of a temp one")
+    parser.add_argument("--analyze", type=Path, help="only print the figures of a finished run")
     args = parser.parse_args()
     configfiles = [str(Path(c).resolve()) for c in args.configfile]
+    # The config the workflow will see (checked before the cold run, which trains models): where
+    # its results go.
+    results = resolve.load_config(ROOT / "config" / "config.yaml", *configfiles)["results"]
+    if args.analyze:
+        print(json.dumps(figures(args.analyze, results), indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         cold = snakemake(workdir, args.cores, configfiles)
         noop = snakemake(workdir, args.cores, configfiles)
-        runs = list((workdir / "results").glob("*/*/*/r*/s*/metrics.json"))
-        figures = {
+        out = {
             "config": configfiles or ["config/config.yaml"],
             "cores": args.cores,
-            "runs": len(runs),
             "cold_seconds": round(cold, 1),
             "noop_seconds": round(noop, 1),
         }
-        print(json.dumps(figures, indent=1))
+        out.update(figures(workdir, results))
+        print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

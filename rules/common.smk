@@ -46,7 +46,8 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9_]+",
     model=r"[A-Za-z0-9_.\-]+",
     method=r"[A-Za-z0-9_]+",
-    ratio=r"[0-9]*\.?[0-9]+",
+    # A fraction (0.5), or an N:M sparsity of the lm family (2of4).
+    ratio=r"[0-9]*\.?[0-9]+|[0-9]+of[0-9]+",
     seed=r"[0-9]+",
 
 
@@ -68,23 +69,21 @@ def base_model_params(wildcards):
     return plain(resolve.base_model_step(config, wildcards.model))
 
 
-def profile_params():
-    """The profile step."""
-    return plain(resolve.profile_step(config))
+def profile_params(wildcards):
+    """A model's profile step."""
+    return plain(resolve.profile_step(config, wildcards.model))
 
 
 def plan_params(wildcards):
     """One (method, model, ratio)'s plan step: the method's own settings included."""
     return plain(
-        resolve.plan_step(
-            config, wildcards.method, wildcards.model, float(wildcards.ratio)
-        )
+        resolve.plan_step(config, wildcards.method, wildcards.model, wildcards.ratio)
     )
 
 
-def prune_params():
-    """The prune step."""
-    return plain(resolve.prune_step(config))
+def prune_params(wildcards):
+    """A model's prune step."""
+    return plain(resolve.prune_step(config, wildcards.model))
 
 
 def finetune_params(wildcards):

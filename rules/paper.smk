@@ -18,6 +18,9 @@ rule paper:
         unstructured_md=paper_table("unstructured", "markdown"),
         unstructured_tex=paper_table("unstructured", "latex"),
         unstructured_html=paper_table("unstructured", "html"),
+        lm_md=paper_table("lm", "markdown"),
+        lm_tex=paper_table("lm", "latex"),
+        lm_html=paper_table("lm", "html"),
         accuracy_vs_sparsity=paper_figure(
             "accuracy_vs_sparsity", "accuracy vs sparsity"
         ),
@@ -26,6 +29,9 @@ rule paper:
         time_per_step=paper_figure("time_per_step", "time per step"),
         time_memory_per_step=paper_figure(
             "time_memory_per_step", "job time and memory per step"
+        ),
+        perplexity_vs_sparsity=paper_figure(
+            "perplexity_vs_sparsity", "perplexity vs sparsity"
         ),
     log:
         f"{LOGS}/paper.log",

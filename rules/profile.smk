@@ -16,6 +16,6 @@ rule profile:
         "../envs/torch.yaml"
     threads: 1
     params:
-        step=profile_params(),
+        step=profile_params,
     script:
         "../scripts/profile.py"

@@ -57,7 +57,7 @@ rule prune:
         "../envs/torch.yaml"
     threads: 1
     params:
-        step=prune_params(),
+        step=prune_params,
     script:
         "../scripts/prune.py"
 

@@ -1,8 +1,7 @@
 """Snakemake script: fetch (if downloadable) and describe the data set."""
 
-from agentprune import steps
-from agentprune.settings import DataSettings, build
+from agentprune import families, steps
 
 with steps.logged(snakemake.log[0]):
-    settings = build(DataSettings, snakemake.params.data, "dataset")
+    settings = families.build_step("dataset", snakemake.params.data, "dataset")
     steps.prepare_dataset(settings, snakemake.output[0])

@@ -2,12 +2,11 @@
 
 from pathlib import Path
 
-from agentprune import steps
-from agentprune.settings import BaseModelStep, build
+from agentprune import families, steps
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.base_model(
-        build(BaseModelStep, snakemake.params.step, "download_model"),
+        families.build_step("download_model", snakemake.params.step, "download_model"),
         Path(snakemake.output.weights).with_suffix(""),
         snakemake.output.metrics,
         weights_json=snakemake.input.weights[0] if snakemake.input.weights else None,

@@ -2,12 +2,11 @@
 
 from pathlib import Path
 
-from agentprune import steps
-from agentprune.settings import EvaluateStep, build
+from agentprune import families, steps
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.evaluate(
-        build(EvaluateStep, snakemake.params.step, "evaluate"),
+        families.build_step("evaluate", snakemake.params.step, "evaluate"),
         dict(snakemake.wildcards),
         snakemake.input.plan,
         snakemake.input.base_metrics,

@@ -6,12 +6,11 @@ itself under torchrun with one process per GPU.
 
 from pathlib import Path
 
-from agentprune import distributed, steps
-from agentprune.settings import FinetuneStep, build
+from agentprune import distributed, families, steps
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.finetune(
-        build(FinetuneStep, snakemake.params.step, "finetune"),
+        families.build_step("finetune", snakemake.params.step, "finetune"),
         snakemake.input.plan,
         Path(snakemake.input.weights).with_suffix(""),
         Path(snakemake.input.base_weights).with_suffix(""),

@@ -2,13 +2,12 @@
 
 from pathlib import Path
 
-from agentprune import steps
-from agentprune.settings import PlanStep, build
+from agentprune import families, steps
 
 # No threads to logged(): it would import torch, which the fixed recipes never need.
 with steps.logged(snakemake.log[0]):
     steps.plan(
-        build(PlanStep, snakemake.params.step, "plan"),
+        families.build_step("plan", snakemake.params.step, "plan"),
         int(snakemake.wildcards.seed),
         snakemake.input.profile,
         snakemake.output[0],

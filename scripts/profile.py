@@ -2,12 +2,11 @@
 
 from pathlib import Path
 
-from agentprune import steps
-from agentprune.settings import ProfileStep, build
+from agentprune import families, steps
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.profile(
-        build(ProfileStep, snakemake.params.step, "profile"),
+        families.build_step("profile", snakemake.params.step, "profile"),
         Path(snakemake.input.weights).with_suffix(""),
         snakemake.output[0],
     )

@@ -2,12 +2,11 @@
 
 from pathlib import Path
 
-from agentprune import steps
-from agentprune.settings import PruneStep, build
+from agentprune import families, steps
 
 with steps.logged(snakemake.log[0], snakemake.threads):
     steps.prune(
-        build(PruneStep, snakemake.params.step, "prune"),
+        families.build_step("prune", snakemake.params.step, "prune"),
         snakemake.input.plan,
         Path(snakemake.input.weights).with_suffix(""),
         Path(snakemake.output.weights).with_suffix(""),

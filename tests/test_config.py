@@ -120,6 +120,10 @@ def test_with_defaults_fills_array_items_but_not_train_overrides() -> None:
         "finetune": {},  # finetune keys inherit the finetune section, so none are filled in
         "weights_cache": None,
         "sha256": None,
+        "family": "vision",  # the lm family's keys, unused by a vision model
+        "source": None,
+        "gguf_file": None,
+        "dtype": "float32",
     }
 
 

@@ -200,6 +200,10 @@ def test_render_paper_writes_every_output(rendered):
         "method_comparison": out / "figures" / "method_comparison.png",
         "time_per_step": out / "figures" / "time_per_step.png",
         "time_memory_per_step": out / "figures" / "time_memory_per_step.png",
+        "lm_md": out / "tables" / "lm.md",
+        "lm_tex": out / "tables" / "lm.tex",
+        "lm_html": out / "tables" / "lm.html",
+        "perplexity_vs_sparsity": out / "figures" / "perplexity_vs_sparsity.png",
     }
     assert outputs == expected
     for path in expected.values():

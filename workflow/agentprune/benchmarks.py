@@ -29,6 +29,12 @@ COLUMNS = [
 ]
 
 
+def _ratio(spelling: str) -> float:
+    """A ``{ratio}`` wildcard as a number: ``0.5``, or an N:M sparsity ``2of4`` as ``n / m``."""
+    n, sep, m = spelling.partition("of")
+    return int(n) / int(m) if sep else float(spelling)
+
+
 def _identity(path: Path) -> dict[str, object]:
     """Parse ``.../{dataset}/{model}/{method}/r{ratio}/s{seed}/{step}.tsv``."""
     parts = path.parts[-6:]
@@ -44,7 +50,7 @@ def _identity(path: Path) -> dict[str, object]:
         "dataset": dataset,
         "model": model,
         "method": method,
-        "ratio": float(ratio[1:]),
+        "ratio": _ratio(ratio[1:]),
         "seed": int(seed[1:]),
         "step": step,
     }

@@ -344,7 +344,7 @@ def run_prune(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any
     strategy = catalog.get(args.method)
     profile_json = out / "profile.json"
     if strategy.needs_profile:
-        steps.profile(resolve.profile_step(config), base_stem, profile_json)
+        steps.profile(resolve.profile_step(config, model_name), base_stem, profile_json)
     else:
         steps.write_json(profile_json, {})
     plan_json = out / "plan.json"
@@ -354,7 +354,11 @@ def run_prune(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any
     steps.plan(plan_step, args.seed, profile_json, plan_json, base_stem)
     pruned_stem, finetuned_stem = out / "pruned", out / "finetuned"
     steps.prune(
-        resolve.prune_step(config), plan_json, base_stem, pruned_stem, out / "prune_report.json"
+        resolve.prune_step(config, model_name),
+        plan_json,
+        base_stem,
+        pruned_stem,
+        out / "prune_report.json",
     )
     steps.finetune(
         resolve.finetune_step(config, model_name),

@@ -98,6 +98,7 @@ def _semantic_check(config: Mapping[str, Any], registered: Mapping[str, Any]) ->
                 f"method_settings.{name}",
                 f"method {name!r} is not in methods ({', '.join(methods)})",
             )
+    _check_families(config, registered)
     seen: dict[str, int] = {}
     for i, model in enumerate(config["models"]):
         name = model["name"]
@@ -149,12 +150,63 @@ def _semantic_check(config: Mapping[str, Any], registered: Mapping[str, Any]) ->
         _check_targets(model, f"models.{i}")
         _check_finetune(config, model, f"models.{i}.finetune")
     _check_models(config["models"])
+    study_families = {model["family"] for model in config["models"]}
     for name in methods:
         # Each method builds its typed settings now, so a key its settings do not accept
         # (method_settings.<m>.<key>) fails here, before any job.
         method = registered[name]
-        sections = {section: config[section] for section in method.sections}
-        method.resolve_settings(sections, config["method_settings"].get(name, {}))
+        overrides = config["method_settings"].get(name, {})
+        if "vision" in study_families:
+            sections = {section: config[section] for section in method.sections}
+            method.resolve_settings(sections, overrides)
+        if "lm" in study_families:
+            from agentprune.lm import strategies
+
+            strategies.get(name).resolve(config["lm"], overrides)
+
+
+def _check_families(config: Mapping[str, Any], registered: Mapping[str, Any]) -> None:
+    """Each model has what its family needs (vision: ``timm``; lm: ``source``), the data set is
+    one of its family's, every method prunes every family of the study, and an N:M sparsity
+    comes with lm models only."""
+    from agentprune import families
+
+    dataset = config["dataset"]["name"]
+    for i, model in enumerate(config["models"]):
+        family = families.get(model["family"])
+        if family.name == "vision" and not model.get("timm"):
+            raise _fail(f"models.{i}", f"model {model['name']!r} (vision) needs its timm name")
+        if family.name == "lm" and not model.get("source"):
+            raise _fail(
+                f"models.{i}.source",
+                f"model {model['name']!r} (lm) needs a source: bundled, a hub repo id or a "
+                "directory",
+            )
+        if dataset not in family.datasets:
+            raise _fail(
+                "dataset.name",
+                f"{dataset!r} is not a data set of {family.name} models (model {model['name']!r} "
+                f"needs one of: {', '.join(family.datasets)})",
+            )
+    in_study = {model["family"] for model in config["models"]}
+    for i, name in enumerate(config["methods"]):
+        method = registered.get(name)
+        if method is None:
+            continue
+        for family in sorted(in_study):
+            if not families.get(family).supports(method):
+                raise _fail(
+                    f"methods.{i}",
+                    f"method {name!r} does not prune {family} models (it prunes: "
+                    f"{', '.join(method.families)})",
+                )
+    if in_study != {"lm"}:
+        for i, value in enumerate(config["sparsities"]):
+            if isinstance(value, str):
+                raise _fail(
+                    f"sparsities.{i}",
+                    f"{value!r} is an N:M pattern, which only lm models are pruned to",
+                )
 
 
 def _check_llm_available(agents: Mapping[str, Any], methods: list[Any]) -> None:
@@ -190,11 +242,12 @@ def _check_models(models: list[Mapping[str, Any]]) -> None:
     ``pretrained_file`` exists, before any job (see :mod:`agentprune.model_check`)."""
     from agentprune import model_check
 
-    for i, model in enumerate(models):
+    vision = [(i, m) for i, m in enumerate(models) if m["family"] == "vision"]
+    for i, model in vision:
         file = model["pretrained_file"]
         if file and not Path(file).expanduser().is_file():
             raise _fail(f"models.{i}.pretrained_file", f"{file!r} is not a file")
-    entries = [(f"models.{i}", m["timm"], m["overrides"]) for i, m in enumerate(models)]
+    entries = [(f"models.{i}", m["timm"], m["overrides"]) for i, m in vision]
     problems = model_check.check_entries(entries)
     if problems:
         raise _fail(*problems[0])
@@ -287,6 +340,15 @@ def _check_wildcards(config: Mapping[str, Any]) -> None:
     for key in ("ratios", "sparsities"):
         seen: dict[str, int] = {}
         for i, value in enumerate(config[key]):
+            if isinstance(value, str):  # an N:M sparsity ("2:4" -> r2of4)
+                n, m = (int(part) for part in value.split(":"))
+                if not 0 < n < m:
+                    raise _fail(f"{key}.{i}", f"{value!r} needs 0 < N < M")
+                spelling = f"{n}of{m}"
+                if spelling in seen:
+                    raise _fail(f"{key}.{i}", f"{value!r} repeats {key}.{seen[spelling]}")
+                seen[spelling] = i
+                continue
             spelling = fmt_ratio(value)
             if not 0.0 < float(spelling) < 1.0:
                 raise _fail(

@@ -773,7 +773,8 @@ def _line_panels(
 
 
 def plot_accuracy_vs_macs(runs: pd.DataFrame, path: str | Path) -> Path:
-    """Top-1 vs MACs, one panel per model, one line per method (95 % Student-t band over seeds).
+    """Top-1 vs MACs, one panel per model, one line per method (95 % Student-t band over seeds),
+    before (dotted: one-shot, where the methods differ most) and after fine-tuning (solid).
 
     Seeds of a (model, method, ratio) share the mean MACs as x so that the band is a CI over
     seeds; the dashed line and the star mark the base model (top-1 at its MACs).
@@ -794,7 +795,15 @@ def plot_accuracy_vs_macs(runs: pd.DataFrame, path: str | Path) -> Path:
     unit, scale = macs_unit(_first_valid(data, "macs_base", "macs"))
     x = f"MACs ({unit})"
     data[x] = data.groupby(["panel", "method", "ratio"])["macs"].transform("mean") / scale
-    grid = _line_panels(data, data, x, "top1")
+    long = pd.concat(
+        [
+            data.assign(stage="fine-tuned", accuracy=data["top1"]),
+            data.assign(stage="pruned", accuracy=_column(data, "top1_pruned")),
+        ]
+    ).dropna(subset=["accuracy"])
+    grid = _line_panels(
+        long, data, x, "accuracy", style="stage", style_order=["fine-tuned", "pruned"]
+    )
     base = _base_top1(data)
     base_x = (_column(data, "macs_base") / scale).groupby(data["panel"]).mean().dropna()
     for panel, ax in grid.axes_dict.items():
@@ -983,6 +992,226 @@ def plot_time_memory_per_step(bench: pd.DataFrame, path: str | Path) -> Path:
     return _save(grid.figure, path)
 
 
+# --------------------------------------------------------------------------- the lm family
+
+LM_METHOD_ORDER = ("magnitude", "sparsegpt", "wanda", "icbs")
+"""Row order of the lm table: the Wanda README's (magnitude, SparseGPT, Wanda), then iCBS, then
+any other method alphabetically."""
+
+
+def lm_frame(frame: pd.DataFrame, lm: bool = True) -> pd.DataFrame:
+    """Rows of lm runs (``model_family == lm``), or (``lm=False``) every other row; a frame
+    without the column has no lm rows. Works on ``runs.csv`` and, through its models, on
+    ``summary.csv``/``comparisons.csv`` given ``models``."""
+    if "model_family" not in frame.columns or frame.empty:
+        return frame.iloc[0:0] if lm else frame
+    mask = frame["model_family"].astype(str) == "lm"
+    return frame[mask] if lm else frame[~mask]
+
+
+def _without_models(frame: pd.DataFrame, models: set[str]) -> pd.DataFrame:
+    """``frame`` without the rows of ``models`` (a frame without a model column as is)."""
+    if "model" not in frame.columns or not models or frame.empty:
+        return frame
+    return frame[~frame["model"].astype(str).isin(models)]
+
+
+def _sparsity_key(label: str) -> tuple[int, float, str]:
+    """Columns in order: fractions ascending, then N:M patterns."""
+    if ":" in label:
+        n, m = label.split(":")
+        return (1, int(n) / int(m), label)
+    return (0, float(label), label)
+
+
+def _lm_label(value: Any) -> str:
+    """A sparsity label as the lm table spells it (``0.5``, ``2:4``)."""
+    text = str(value)
+    if ":" in text:
+        return text
+    return f"{float(text):g}"
+
+
+def _lm_method_key(method: str) -> tuple[int, str]:
+    order = {m: i for i, m in enumerate(LM_METHOD_ORDER)}
+    return (order.get(method, len(order)), method)
+
+
+def lm_table(runs: pd.DataFrame, references: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The lm table in the Wanda README's layout: per (dataset, model) block the dense model
+    first, then one row per method, one column per sparsity; perplexity means over seeds.
+
+    Args:
+        runs: ``runs.csv`` (its lm rows are used: ``model_family == lm``).
+        references: ``paper.references`` entries; those with a ``sparsity`` and a ``perplexity``
+            become published rows of their model's block (rows with the same label merge).
+
+    Returns:
+        ``{"columns": [...], "blocks": [{"dataset", "model", "rows": [{"label", "kind",
+        "cells", "n", "source"}]}], "sources": [...]}``; cells are formatted strings ("" where
+        there is no value).
+    """
+    data = lm_frame(runs)
+    refs = [
+        r
+        for r in references
+        if not _missing(r.get("perplexity")) and not _missing(r.get("sparsity"))
+    ]
+    labels = set()
+    if not data.empty:
+        labels |= {_lm_label(v) for v in data["sparsity_label"].dropna()}
+    labels |= {_lm_label(r["sparsity"]) for r in refs if r["sparsity"] != "dense"}
+    columns = sorted(labels, key=_sparsity_key)
+    blocks: list[dict[str, Any]] = []
+    keys: list[tuple[str, str]] = []
+    if not data.empty:
+        keys = list(dict.fromkeys(zip(data["dataset"].astype(str), data["model"].astype(str))))
+    for ref in refs:
+        if not any(model == ref["model"] for _, model in keys):
+            keys.append((str(ref.get("dataset", "")), str(ref["model"])))
+    for dataset, model in keys:
+        block = (
+            data[(data["dataset"].astype(str) == dataset) & (data["model"].astype(str) == model)]
+            if not data.empty
+            else data
+        )
+        rows: list[dict[str, Any]] = []
+        if not block.empty:
+            dense = _mean(block, "perplexity_base")
+            rows.append(
+                {
+                    "label": "Dense",
+                    "kind": "dense",
+                    "cells": [fmt_number(dense, 2)] * len(columns),
+                    "n": "",
+                    "source": "",
+                }
+            )
+            methods = sorted({str(m) for m in block["method"]}, key=_lm_method_key)
+            for method in methods:
+                runs_m = block[block["method"].astype(str) == method]
+                cells = []
+                for label in columns:
+                    cell = runs_m[runs_m["sparsity_label"].map(_lm_label) == label]
+                    cells.append(fmt_number(_mean(cell, "perplexity"), 2) if len(cell) else "")
+                seeds = runs_m["seed"].nunique()
+                rows.append(
+                    {"label": method, "kind": "method", "cells": cells, "n": str(seeds)}
+                    | {"source": ""}
+                )
+        published: dict[str, dict[str, Any]] = {}
+        for ref in refs:
+            if ref["model"] != model:
+                continue
+            row = published.setdefault(
+                str(ref["label"]),
+                {"label": str(ref["label"]), "kind": "reference", "values": {}, "n": ""}
+                | {"source": str(ref.get("source", ""))},
+            )
+            row["values"][_lm_label(ref["sparsity"]) if ref["sparsity"] != "dense" else "dense"] = (
+                float(ref["perplexity"])
+            )
+        for row in published.values():
+            values = row.pop("values")
+            if "dense" in values:
+                row["cells"] = [fmt_number(values["dense"], 2)] * len(columns)
+            else:
+                row["cells"] = [
+                    fmt_number(values.get(c), 2) if c in values else "" for c in columns
+                ]
+            rows.append(row)
+        blocks.append({"dataset": dataset, "model": model, "rows": rows})
+    sources = list(dict.fromkeys(r["source"] for b in blocks for r in b["rows"] if r["source"]))
+    return {"columns": columns, "blocks": blocks, "sources": sources}
+
+
+def _lm_caption(table: Mapping[str, Any], runs: pd.DataFrame) -> str:
+    data = lm_frame(runs)
+    if not table["blocks"]:
+        return (
+            "This study has no causal LM (models[].family: lm), so there are no perplexities "
+            "here; see config/lm.yaml."
+        )
+    datasets = sorted({str(d) for d in data["dataset"]}) if not data.empty else []
+    where = f" on {', '.join(datasets)}" if datasets else ""
+    return (
+        f"Causal LMs{where}: token-level perplexity (lower is better) on non-overlapping "
+        f"evaluation windows, mean over calibration seeds (Seeds). Columns: sparsity of every "
+        f"Linear weight of the decoder blocks (embeddings and lm_head dense), an exact share of "
+        f"each output row, or N:M (n zeros in every m consecutive weights of a row). One-shot "
+        f"pruning, no fine-tuning. † published, not measured here."
+    )
+
+
+def render_lm_table(
+    runs: pd.DataFrame,
+    paths: Mapping[str, str | Path],
+    templates_dir: str | Path,
+    references: Sequence[Mapping[str, Any]] = (),
+) -> list[Path]:
+    """Render :func:`lm_table` as Markdown, LaTeX and HTML to ``paths`` (a note when the study
+    has no lm model).
+
+    Returns:
+        The written files, in the order md, tex, html.
+    """
+    table = lm_table(runs, references)
+    context = {
+        **table,
+        "title": "Causal LMs: perplexity by sparsity.",
+        "caption": _lm_caption(table, runs),
+        "show_dataset": len({b["dataset"] for b in table["blocks"]}) > 1,
+    }
+    env = make_environment(templates_dir)
+    return [
+        _write(Path(paths[fmt]), env.get_template(f"lm.{fmt}.j2").render(**context))
+        for fmt in TABLE_FORMATS
+    ]
+
+
+def plot_perplexity_vs_sparsity(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Perplexity (log scale) vs sparsity of the lm runs, one line per method, one panel per
+    model (fractions, then N:M patterns, as categories); dashed: the dense model.
+
+    Args:
+        runs: ``runs.csv`` of :mod:`agentprune.stats`.
+        path: Output PNG.
+
+    Returns:
+        ``path``.
+    """
+    _theme()
+    data = lm_frame(runs)
+    if data.empty or "perplexity" not in data.columns:
+        return _placeholder(path, "no lm runs (models[].family: lm)")
+    data = data.assign(label=data["sparsity_label"].map(_lm_label))
+    columns = sorted(set(data["label"]), key=_sparsity_key)
+    panels = list(dict.fromkeys(data["model"].astype(str)))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False, sharey=False
+    )
+    methods = sorted({str(m) for m in data["method"]}, key=_lm_method_key)
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    for ax, model in zip(axes[0], panels):
+        block = data[data["model"].astype(str) == model]
+        for method in methods:
+            rows = block[block["method"].astype(str) == method]
+            means = rows.groupby("label")["perplexity"].mean()
+            xs = [i for i, c in enumerate(columns) if c in means.index]
+            ys = [float(means[c]) for c in columns if c in means.index]
+            ax.plot(xs, ys, marker="o", label=method, color=palette[method])
+        dense = _mean(block, "perplexity_base")
+        if not np.isnan(dense):
+            ax.axhline(dense, linestyle="--", color="0.3", linewidth=1.2, label="dense")
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_yscale("log")
+        ax.set_title(model)
+        ax.set_xlabel("sparsity of the decoder Linear weights")
+        ax.set_ylabel("perplexity (log scale)")
+    axes[0][-1].legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -1008,6 +1237,10 @@ PAPER_OUTPUTS = (
     "method_comparison",
     "time_per_step",
     "time_memory_per_step",
+    "lm_md",
+    "lm_tex",
+    "lm_html",
+    "perplexity_vs_sparsity",
 )
 """The paper's files by name: the paper rule's named outputs, and the keys of
 :func:`render_paper`'s ``outputs``."""
@@ -1038,9 +1271,10 @@ def render_paper(
 ) -> dict[str, Path]:
     """Write the paper's tables and figures to the paths ``outputs`` names.
 
-    Tables: ``results_*`` (structured methods), ``unstructured_*``, ``comparisons_*``; figures:
+    Tables: ``results_*`` (structured methods), ``unstructured_*``, ``comparisons_*``, ``lm_*``
+    (causal LMs: perplexity by sparsity, a note when there are none); figures:
     ``accuracy_vs_macs``, ``accuracy_vs_sparsity``, ``method_comparison``, ``time_per_step``,
-    ``time_memory_per_step`` (see :data:`PAPER_OUTPUTS`).
+    ``time_memory_per_step``, ``perplexity_vs_sparsity`` (see :data:`PAPER_OUTPUTS`).
 
     Args:
         runs_csv: ``runs.csv`` of :mod:`agentprune.stats`.
@@ -1061,9 +1295,15 @@ def render_paper(
     def formats(stem: str, fmts: Sequence[str] = TABLE_FORMATS) -> dict[str, Path]:
         return {fmt: paths[f"{stem}_{fmt}"] for fmt in fmts}
 
-    runs = _read_csv(runs_csv)
-    summary = _read_csv(summary_csv)
+    all_runs = _read_csv(runs_csv)
+    # The lm runs have their own table and figure; every other table and figure is the vision
+    # family's (top-1, MACs).
+    lm_models = {str(m) for m in lm_frame(all_runs)["model"]} if "model" in all_runs else set()
+    runs = lm_frame(all_runs, lm=False)
+    summary = _without_models(_read_csv(summary_csv), lm_models)
     comparisons = _read_csv(comparisons_csv)
+    render_lm_table(all_runs, formats("lm"), templates_dir, settings.references)
+    plot_perplexity_vs_sparsity(all_runs, paths["perplexity_vs_sparsity"])
     render_tables(
         family_frame(summary, "structured"),
         formats("results"),
@@ -1087,7 +1327,7 @@ def render_paper(
     plot_accuracy_vs_sparsity(runs, paths["accuracy_vs_sparsity"])
     plot_accuracy_vs_macs(runs, paths["accuracy_vs_macs"])
     plot_method_comparison(runs, paths["method_comparison"])
-    plot_time_per_step(runs, paths["time_per_step"])
+    plot_time_per_step(all_runs, paths["time_per_step"])
     plot_time_memory_per_step(
         _read_csv(benchmarks_csv) if benchmarks_csv else pd.DataFrame(),
         paths["time_memory_per_step"],

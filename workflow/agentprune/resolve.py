@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from agentprune import config as configuration
+from agentprune.lm import settings as lm_settings
+from agentprune.lm import strategies as lm_strategies
 from agentprune.pruning import catalog, registry
 from agentprune.settings import (
     BaseModelStep,
@@ -52,6 +54,9 @@ def load_config(*paths: Any, overrides: dict | None = None) -> dict:
 STUDY_KEYS = ("targets_gmacs", "base_gmacs", "finetune", "train")
 """Keys of a ``models`` entry that are not the base model's structure or weights."""
 
+LM_KEYS = ("family", "source", "gguf_file", "dtype")
+"""Keys of a ``models`` entry that only an lm model reads (its family and where it comes from)."""
+
 
 def model_entry(config: Config, name: str) -> Mapping[str, Any]:
     """The ``models`` entry called ``name``."""
@@ -61,8 +66,53 @@ def model_entry(config: Config, name: str) -> Mapping[str, Any]:
     raise KeyError(f"model {name!r} is not in config.models")
 
 
-def weights(config: Config, name: str) -> WeightsEntry:
+def family(config: Config, name: str) -> str:
+    """A model's family (``models[].family``: ``vision`` or ``lm``)."""
+    return str(model_entry(config, name)["family"])
+
+
+def is_lm(config: Config, name: str | None) -> bool:
+    """Whether model ``name`` is a causal LM (its steps get the lm family's settings)."""
+    return name is not None and family(config, name) == lm_settings.FAMILY
+
+
+def lm_source(config: Config, name: str) -> lm_settings.ModelSource:
+    """Where an lm model comes from (``models[].source``, ``gguf_file``, ``dtype``)."""
+    entry = model_entry(config, name)
+    return lm_settings.ModelSource(
+        name=str(entry["source"]), gguf_file=entry["gguf_file"], dtype=str(entry["dtype"])
+    )
+
+
+def lm_text(config: Config) -> lm_settings.LMText:
+    """The text of an lm study: the corpus (``dataset.name``, ``dataset.root``) and the
+    windows (``lm``)."""
+    lm = config["lm"]
+    return lm_settings.LMText(
+        corpus=config["dataset"]["name"],
+        root=config["dataset"]["root"],
+        seq_len=int(lm["seq_len"]),
+        calibration_sequences=int(lm["calibration_sequences"]),
+        evaluation_sequences=lm["evaluation_sequences"],
+    )
+
+
+def lm_engine(config: Config) -> lm_settings.EngineSettings:
+    """The layer-wise engine of an lm study (``lm.engine``, on ``lm.device``)."""
+    engine = config["lm"]["engine"]
+    return lm_settings.EngineSettings(
+        sequential=bool(engine["sequential"]),
+        batch_size=int(engine["batch_size"]),
+        device=str(config["lm"]["device"]),
+    )
+
+
+def weights(config: Config, name: str) -> WeightsEntry | lm_settings.LMWeights:
     """A model's weights part (what ``download_weights`` fetches and checks)."""
+    if is_lm(config, name):
+        return lm_settings.LMWeights(
+            family=lm_settings.FAMILY, name=name, source=lm_source(config, name)
+        )
     entry = model_entry(config, name)
     keys = WeightsEntry.__dataclass_fields__
     return build(WeightsEntry, {k: entry[k] for k in keys}, f"models.{name}")
@@ -76,9 +126,8 @@ def data(config: Config) -> DataSettings:
 def model(config: Config, name: str) -> ModelEntry:
     """A model's base-model part (what ``download_weights`` and ``download_model`` read)."""
     entry = model_entry(config, name)
-    return build(
-        ModelEntry, {k: v for k, v in entry.items() if k not in STUDY_KEYS}, f"models.{name}"
-    )
+    keys = STUDY_KEYS + LM_KEYS
+    return build(ModelEntry, {k: v for k, v in entry.items() if k not in keys}, f"models.{name}")
 
 
 def train_config(section: Mapping[str, Any], where: str) -> TrainConfig:
@@ -94,8 +143,19 @@ def merged(section: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str,
     return out
 
 
-def base_model_step(config: Config, name: str) -> BaseModelStep:
-    """The ``download_model`` step of one model: ``base_training`` + ``models[].train``."""
+def base_model_step(config: Config, name: str) -> BaseModelStep | lm_settings.LMBaseStep:
+    """The ``download_model`` step of one model: ``base_training`` + ``models[].train`` (an lm
+    model: its source, the text and where its dense perplexity is measured)."""
+    if is_lm(config, name):
+        return lm_settings.LMBaseStep(
+            family=lm_settings.FAMILY,
+            dataset=config["dataset"]["name"],
+            model=name,
+            source=lm_source(config, name),
+            text=lm_text(config),
+            batch_size=int(config["lm"]["batch_size"]),
+            device=str(config["lm"]["device"]),
+        )
     hp = merged(config["base_training"], model_entry(config, name)["train"])
     seed = int(hp.pop("seed"))
     return BaseModelStep(
@@ -107,8 +167,12 @@ def base_model_step(config: Config, name: str) -> BaseModelStep:
     )
 
 
-def profile_step(config: Config) -> ProfileStep:
-    """The ``profile`` step."""
+def profile_step(
+    config: Config, name: str | None = None
+) -> ProfileStep | lm_settings.LMProfileStep:
+    """The ``profile`` step (of model ``name``: an lm model's profile reads no data)."""
+    if is_lm(config, name):
+        return lm_settings.LMProfileStep(family=lm_settings.FAMILY)
     return ProfileStep(data(config), build(ProfileSettings, config["profile"], "profile"))
 
 
@@ -121,12 +185,19 @@ def structured_ratios(config: Config, name: str) -> list[float]:
     return [float(r) for r in config["ratios"]]
 
 
+def sparsity_wildcard(value: float | str) -> str:
+    """The ``{ratio}`` wildcard of a ``sparsities`` entry: ``0.5 -> '0.5'``, ``'2:4' -> '2of4'``."""
+    if isinstance(value, str):
+        return lm_settings.sparsity_wildcard(value)
+    return fmt_ratio(value)
+
+
 def method_ratios(config: Config, method: str, name: str) -> list[str]:
     """The ``{ratio}`` wildcards of a method on a model: MACs fractions for structured methods
-    (per model), sparsities otherwise."""
+    (per model), sparsities otherwise (an N:M sparsity such as ``2:4`` is spelled ``2of4``)."""
     if registry.get(method).family == "structured":
         return [fmt_ratio(r) for r in structured_ratios(config, name)]
-    return [fmt_ratio(r) for r in config["sparsities"]]
+    return [sparsity_wildcard(r) for r in config["sparsities"]]
 
 
 def target_gmacs(config: Config, name: str, ratio: float) -> float | None:
@@ -148,8 +219,27 @@ def method_settings(config: Config, method: str) -> dict[str, Any]:
     return plain(strategy.resolve_settings(sections, overrides))
 
 
-def plan_step(config: Config, method: str, name: str, ratio: float) -> PlanStep:
-    """The ``plan`` step of one (method, model, ratio)."""
+def lm_method_settings(config: Config, method: str) -> dict[str, Any]:
+    """A method's settings on an lm model in plain form: its part of the ``lm`` section with its
+    ``method_settings`` entry merged over it (see ``LMStrategy.resolve``)."""
+    overrides = config["method_settings"].get(method, {})
+    return lm_strategies.get(method).resolve(config["lm"], overrides)
+
+
+def plan_step(
+    config: Config, method: str, name: str, ratio: float | str
+) -> PlanStep | lm_settings.LMPlanStep:
+    """The ``plan`` step of one (method, model, ratio); ``ratio`` is the ``{ratio}`` wildcard."""
+    if is_lm(config, name):
+        return lm_settings.LMPlanStep(
+            family=lm_settings.FAMILY,
+            method=method,
+            dataset=config["dataset"]["name"],
+            model=name,
+            ratio=str(ratio),
+            method_settings=lm_method_settings(config, method),
+            engine=lm_engine(config),
+        )
     strategy = registry.get(method)
     gmacs = target_gmacs(config, name, ratio) if strategy.family == "structured" else None
     return PlanStep(
@@ -165,8 +255,10 @@ def plan_step(config: Config, method: str, name: str, ratio: float) -> PlanStep:
     )
 
 
-def prune_step(config: Config) -> PruneStep:
-    """The ``prune`` step."""
+def prune_step(config: Config, name: str | None = None) -> PruneStep | lm_settings.LMPruneStep:
+    """The ``prune`` step (of model ``name``: an lm model's calibration text)."""
+    if is_lm(config, name):
+        return lm_settings.LMPruneStep(family=lm_settings.FAMILY, text=lm_text(config))
     return PruneStep(data(config), int(config["prune"]["batch_size"]))
 
 
@@ -180,13 +272,22 @@ def finetune_recipe(config: Config, name: str) -> TrainConfig:
     return train_config(section, f"models.{name}.finetune")
 
 
-def finetune_step(config: Config, name: str) -> FinetuneStep:
-    """The ``finetune`` step of a model's runs."""
+def finetune_step(config: Config, name: str) -> FinetuneStep | lm_settings.LMFinetuneStep:
+    """The ``finetune`` step of a model's runs (an lm model's pruned model passes through)."""
+    if is_lm(config, name):
+        return lm_settings.LMFinetuneStep(family=lm_settings.FAMILY)
     return FinetuneStep(data(config), finetune_recipe(config, name))
 
 
-def evaluate_step(config: Config, name: str) -> EvaluateStep:
-    """The ``evaluate`` step of a model's runs."""
+def evaluate_step(config: Config, name: str) -> EvaluateStep | lm_settings.LMEvaluateStep:
+    """The ``evaluate`` step of a model's runs (an lm model: perplexity)."""
+    if is_lm(config, name):
+        return lm_settings.LMEvaluateStep(
+            family=lm_settings.FAMILY,
+            text=lm_text(config),
+            batch_size=int(config["lm"]["batch_size"]),
+            device=str(config["lm"]["device"]),
+        )
     return EvaluateStep(
         data=data(config),
         evaluate=build(EvaluateSettings, config["evaluate"], "evaluate"),

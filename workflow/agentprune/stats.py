@@ -29,8 +29,9 @@ from agentprune.settings import StatsSettings
 IDENTITY_KEYS = ("dataset", "model", "method", "family", "ratio", "seed")
 """Keys every ``metrics.json`` must have."""
 
-RUN_KEYS = ("dataset", "model", "method", "ratio", "seed")
-"""Keys that identify one run uniquely (``family`` follows from ``method``)."""
+RUN_KEYS = ("dataset", "model", "method", "family", "ratio", "seed")
+"""Keys that identify one run uniquely (``family`` follows from ``method``, except that an lm
+run at 2:4 is ``semi_structured`` beside the same method's 50 % ``unstructured`` run)."""
 
 SORT_KEYS = ["dataset", "model", "ratio", "method", "seed"]
 GROUP_KEYS = ["dataset", "model", "family", "ratio", "method"]
@@ -70,6 +71,17 @@ SUMMARY_METRICS = (
 )
 """Metrics summarised by :func:`summarize` (those present in the runs)."""
 
+LM_SUMMARY_METRICS = (
+    "perplexity",
+    "perplexity_pruned",
+    "perplexity_base",
+    "params_nonzero",
+    "peak_memory_mb_prune",
+    "peak_memory_mb_evaluate",
+)
+"""Metrics of the lm family's runs, summarised like :data:`SUMMARY_METRICS` when present (an lm
+run has no top-1 or MACs, a vision run no perplexity)."""
+
 SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high", "ci_half")
 
 COMPARE_COLUMNS = [
@@ -95,8 +107,8 @@ COMPARE_COLUMNS = [
 ]
 """Columns of :func:`compare` (and of ``comparisons.csv``)."""
 
-COMPARE_METRICS = ("top1", "top1_pruned")
-"""Metrics compared pairwise in ``comparisons.csv``."""
+COMPARE_METRICS = ("top1", "top1_pruned", "perplexity")
+"""Metrics compared pairwise in ``comparisons.csv`` (those present in the runs)."""
 
 # Relative tolerance below which the spread of paired differences counts as zero: floating-point
 # noise in differences of nearly identical values otherwise yields huge, meaningless t statistics.
@@ -208,7 +220,7 @@ def summarize(runs: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    metrics = [m for m in SUMMARY_METRICS if m in runs.columns]
+    metrics = [m for m in SUMMARY_METRICS + LM_SUMMARY_METRICS if m in runs.columns]
     columns = GROUP_KEYS + ["n"] + [f"{m}_{s}" for m in metrics for s in SUMMARY_STATS]
     rows: list[dict[str, Any]] = []
     if len(runs):
@@ -333,8 +345,8 @@ def write_stats(
     """Write ``runs``, ``summary`` and ``comparisons`` to the paths ``outputs`` names (the stats
     rule's named outputs; other keys are ignored).
 
-    ``comparisons`` holds :func:`compare` for each metric of :data:`COMPARE_METRICS` (``top1``,
-    then ``top1_pruned``); it always has a header row.
+    ``comparisons`` holds :func:`compare` for each metric of :data:`COMPARE_METRICS` that the runs
+    have (``top1``, ``top1_pruned``, ``perplexity``); it always has a header row.
 
     Args:
         paths: The runs' ``metrics.json`` files.
@@ -350,7 +362,8 @@ def write_stats(
         path.parent.mkdir(parents=True, exist_ok=True)
     runs = load_runs(paths)
     summary = summarize(runs, confidence=settings.confidence)
-    frames = [compare(runs, metric=m, alpha=settings.alpha) for m in COMPARE_METRICS]
+    metrics = [m for m in COMPARE_METRICS if m in runs.columns] or list(COMPARE_METRICS[:1])
+    frames = [compare(runs, metric=m, alpha=settings.alpha) for m in metrics]
     nonempty = [f for f in frames if len(f)]
     comparisons = pd.concat(nonempty, ignore_index=True) if nonempty else frames[0]
     runs.to_csv(written["runs"], index=False)

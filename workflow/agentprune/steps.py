@@ -1,6 +1,10 @@
 """One function per pipeline step. Snakemake's thin scripts and the ``agentprune`` CLI both call
 these.
 
+The bodies here are the vision family's; a step whose settings belong to another model family
+(:mod:`agentprune.families`: they carry a ``family`` field) is handed on, first thing, to that
+family's function of the same name (:mod:`agentprune.lm.steps`).
+
 Each step reads its inputs from paths, writes its outputs to paths, and seeds everything from its
 seed.
 """
@@ -17,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from agentprune import families
 from agentprune.pruning import catalog
 from agentprune.pruning.registry import PlanContext
 from agentprune.settings import (
@@ -95,6 +100,8 @@ def prepare_dataset(settings: DataSettings, out_json: str | Path) -> dict[str, A
     has the internet), and every other step reads what it left. It is also the first job of a
     study, so a missing or malformed data set fails here, before any training.
     """
+    if (family := families.for_dataset(settings.name).steps()) is not None:
+        return family.prepare_dataset(settings, out_json)
     from agentprune import data
 
     splits = data.load_splits(settings, download=True)
@@ -113,6 +120,8 @@ def download_weights(
     when given, becomes a symbolic link to the verified file (the workflow's record of it, whose
     size the cluster profile sizes the base-model job by).
     """
+    if (family := families.of_step(entry)) is not None:
+        return family.download_weights(entry, out_json, link)
     from agentprune import models
 
     manifest = models.pretrained_weights(entry)
@@ -145,6 +154,8 @@ def base_model(
     manifest and, for pretrained models, timm's data config) and the base ``metrics.json`` (test
     accuracy, MACs, ``pretrained_sha256``, ``head``).
     """
+    if (family := families.of_step(step)) is not None:
+        return family.base_model(step, out_stem, metrics_json, weights_json)
     from agentprune import data, models, train
     from agentprune import evaluate as ev
 
@@ -225,6 +236,8 @@ def base_model(
 
 def profile(step: ProfileStep, base_stem: str | Path, out_json: str | Path) -> dict[str, Any]:
     """The profile step: MACs breakdown, groups, sensitivity and safety bounds of the base model."""
+    if (family := families.of_step(step)) is not None:
+        return family.profile(step, base_stem, out_json)
     from agentprune import data, models, profiling
 
     model, desc = models.load(base_stem)
@@ -251,6 +264,8 @@ def plan(
     ``base_stem`` and ``threads`` serve planners that run trials on the base model (the agents);
     the fixed recipes read neither and stay torch-free.
     """
+    if (family := families.of_step(step)) is not None:
+        return family.plan(step, seed, profile_json, out_json, base_stem, threads)
     strategy = catalog.get(step.method)
     context = PlanContext(
         dataset=step.dataset,
@@ -277,6 +292,8 @@ def prune(
     report_json: str | Path,
 ) -> dict[str, Any]:
     """The prune step: carry ``plan.json`` out on the base model, check it, save it pickle-free."""
+    if (family := families.of_step(step)) is not None:
+        return family.prune(step, plan_json, base_stem, out_stem, report_json)
     from agentprune import data, models, train
 
     plan_doc = read_json(plan_json)
@@ -336,6 +353,9 @@ def finetune(
     Returns:
         The training report.
     """
+    if (family := families.of_step(step)) is not None:
+        paths = (plan_json, pruned_stem, base_stem, out_stem, report_json)
+        return family.finetune(step, *paths, processes, on_epoch_end)
     from agentprune import data, distributed, models, train
 
     info = distributed.env_info()
@@ -432,6 +452,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """The evaluate step: test-split accuracy before and after fine-tuning, size, speed ->
     metrics.json."""
+    if (family := families.of_step(step)) is not None:
+        paths = (plan_json, base_metrics_json, prune_report_json, finetune_report_json)
+        return family.evaluate(step, identity, *paths, pruned_stem, finetuned_stem, out_json)
     from agentprune import data, models, tracking
     from agentprune import evaluate as ev
 

@@ -5,7 +5,9 @@ A saved LM is two files side by side:
 * ``<stem>.safetensors``: the state dict, tied weights stored once
   (:func:`safetensors.torch.save_model`);
 * ``<stem>.json``: ``format: agentprune.lm/v1``, the transformers config dict, the dtype, the
-  source it was loaded from and the weights' SHA-256.
+  source it was loaded from and the weights' SHA-256; optionally the tokenizer (its ``tokenizers``
+  JSON), so that a saved LM is all a later step needs (a GGUF's tokenizer takes seconds to
+  convert; this one loads in a fraction of a second).
 
 :func:`load` rebuilds the architecture with ``AutoModelForCausalLM.from_config`` and loads the
 weights strictly; pruning never changes shapes, so the config alone describes the model.
@@ -109,6 +111,7 @@ def save(
     stem: str | Path,
     source: ModelSource,
     extra: dict[str, Any] | None = None,
+    tokenizer: str | None = None,
 ) -> tuple[Path, Path]:
     """Save ``model`` pickle-free as ``<stem>.safetensors`` and ``<stem>.json``.
 
@@ -117,6 +120,7 @@ def save(
         stem: path without suffix.
         source: where the (unpruned) model came from, recorded for provenance.
         extra: JSON-able additions (e.g. the pruning report).
+        tokenizer: the tokenizer as ``tokenizers`` JSON (:func:`tokenizer_json`), or None.
 
     Returns:
         The two paths written.
@@ -136,8 +140,32 @@ def save(
     }
     if extra:
         desc["extra"] = extra
+    if tokenizer is not None:
+        desc["tokenizer"] = tokenizer
     meta.write_text(json.dumps(desc, indent=1))
     return weights, meta
+
+
+def tokenizer_json(tokenizer: Any) -> str:
+    """A fast tokenizer as the ``tokenizers`` JSON that :func:`saved_tokenizer` reads back."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer")
+    return backend.to_str()
+
+
+def saved_tokenizer(desc: dict[str, Any]) -> Any:
+    """The tokenizer stored in a saved LM's description (see :func:`save`)."""
+    import tempfile
+
+    from transformers import PreTrainedTokenizerFast
+
+    if "tokenizer" not in desc:
+        raise CheckpointError("this lm checkpoint holds no tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        path.write_text(desc["tokenizer"], encoding="utf-8")
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
 
 
 def _paths(stem: str | Path) -> tuple[Path, Path]:

@@ -302,3 +302,117 @@ class LayerICBSSettings:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return asdict(self)
+
+
+# --- the workflow's steps for the lm family (built from a rule's params by settings.build) ------
+
+FAMILY = "lm"
+"""The ``models[].family`` of a causal LM, and the ``family`` field of every step below (the tag
+by which :mod:`agentprune.families` rebuilds a step's settings from a rule's params)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMText:
+    """The text of an LM study, for any seed: ``dataset`` (corpus, root) + ``lm`` (windows)."""
+
+    corpus: str
+    root: str | None
+    seq_len: int
+    calibration_sequences: int
+    evaluation_sequences: int | None
+
+    def settings(self, seed: int) -> TextSettings:
+        """The :class:`TextSettings` of one calibration seed."""
+        return TextSettings(**asdict(self), seed=int(seed))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMWeights:
+    """What ``download_weights`` fetches for an LM: the source's files (a hub snapshot, the
+    bundled GGUF, or a local directory)."""
+
+    family: str
+    name: str
+    source: ModelSource
+
+    @property
+    def is_pretrained(self) -> bool:
+        """An LM always starts from pretrained weights (never from a random initialisation)."""
+        return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMBaseStep:
+    """The ``download_model`` step of an LM: load, save pickle-free, dense perplexity."""
+
+    family: str
+    dataset: str
+    model: str
+    source: ModelSource
+    text: LMText
+    batch_size: int
+    device: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMProfileStep:
+    """The ``profile`` step of an LM: parameter counts per decoder Linear (no data needed)."""
+
+    family: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMPlanStep:
+    """The ``plan`` step of one (method, LM, sparsity).
+
+    Attributes:
+        family: ``lm``.
+        method: the registered method.
+        dataset: the corpus (identity in ``plan.json``).
+        model: the ``models[].name``.
+        ratio: the ``{ratio}`` wildcard (``0.5``, ``2of4``).
+        method_settings: the method's lm settings in plain form (``lm.sparsegpt``, ``lm.icbs``
+            with ``method_settings.<method>`` merged over them; empty for magnitude and Wanda).
+        engine: how the layer-wise engine runs.
+    """
+
+    family: str
+    method: str
+    dataset: str
+    model: str
+    ratio: str
+    method_settings: dict[str, Any]
+    engine: EngineSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMPruneStep:
+    """The ``prune`` step of an LM: the text its calibration windows come from."""
+
+    family: str
+    text: LMText
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMFinetuneStep:
+    """The ``finetune`` step of an LM: none is run; the pruned model passes through unchanged."""
+
+    family: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMEvaluateStep:
+    """The ``evaluate`` step of an LM: perplexity on the evaluation windows."""
+
+    family: str
+    text: LMText
+    batch_size: int
+    device: str
+
+
+def sparsity_wildcard(value: str | float) -> str:
+    """The ``{ratio}`` wildcard of a sparsity: ``0.5 -> '0.5'``, ``'2:4' -> '2of4'``."""
+    sparsity = Sparsity.parse(value)
+    if sparsity.is_n_m:
+        return f"{sparsity.n}of{sparsity.m}"
+    return f"{round(float(sparsity.fraction), 4):g}"

@@ -487,6 +487,7 @@ class Magnitude(UnstructuredRecipe):
     """|W|, compared within each layer (``per_row: true`` compares within output rows)."""
 
     name = "magnitude"
+    families = ("vision", "lm")
     recipe = {"scores": "magnitude", "per_row": False}
     source = "layer-wise magnitude pruning (Han et al., 2015)"
 
@@ -501,6 +502,7 @@ class Wanda(UnstructuredRecipe):
     """|W| x the input feature norm from calibration activations, compared per output row."""
 
     name = "wanda"
+    families = ("vision", "lm")
     recipe = {"scores": "wanda", "per_row": True}
     source = "Wanda (Sun et al., arXiv 2306.11695)"
 

@@ -95,6 +95,9 @@ class Method:
         ablation: the registered method that is this one without its distinguishing part (the
             agents' loop without an LLM): the tables pair the two.
         needs_llm: the planner asks an LLM (a config without a usable one is an error).
+        families: the model families it prunes (``models[].family``): ``vision`` through this
+            class's ``plan``/``prune``, ``lm`` through the strategy of the same name in
+            :mod:`agentprune.lm.strategies`. A study naming it for another family is refused.
     """
 
     name: ClassVar[str] = ""
@@ -105,6 +108,7 @@ class Method:
     needs_profile: ClassVar[bool] = False
     ablation: ClassVar[str | None] = None
     needs_llm: ClassVar[bool] = False
+    families: ClassVar[tuple[str, ...]] = ("vision",)
 
     def resolve_settings(self, sections: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
         """The method's typed settings from its config sections and its ``method_settings``

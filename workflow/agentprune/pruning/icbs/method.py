@@ -21,6 +21,7 @@ class ICBS(UnstructuredRecipe):
     cardinality-constrained simulated annealing (arXiv 2411.17796)."""
 
     name = "icbs"
+    families = ("vision", "lm")
     sections = ("icbs",)
     source = "iCBS (arXiv 2411.17796), implemented from the algorithm"
 
