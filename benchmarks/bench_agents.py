@@ -127,7 +127,7 @@ def influence_text(influence: dict[str, Any]) -> str:
 
 def study_config(args: argparse.Namespace, anchored: bool) -> dict[str, Any]:
     """The study's config with the benchmark's backend and prompt, cache off."""
-    from agentprune.config import load_config
+    from agentprune.resolve import load_config
 
     agents: dict[str, Any] = {"cache": "off", "anchor_default": anchored}
     for key in ("backend", "base_url", "model"):
