@@ -260,3 +260,17 @@ def test_semi_structured_speed_needs_cuda() -> None:
         pytest.skip("this machine has CUDA; the path is exercised by benchmarks/bench_lm.py")
     assert evaluate.semi_structured_speed(tiny_llama(), torch.zeros(1, 4, dtype=torch.long)) is None
     assert evaluate.peak_rss_bytes() > 0
+
+
+def test_evaluate_reuses_the_prune_steps_perplexity_only_for_the_file_it_measured(tmp_path):
+    from agentprune.lm import steps as lm_steps
+
+    weights = tmp_path / "finetuned.safetensors"
+    weights.write_bytes(b"the pruned model's tensors")
+    measured = {"perplexity": 31.5, "nll": math.log(31.5), "tokens": 2040}
+    good = measured | {"artifact_sha256": lm_steps._sha256(weights)}
+    ppl = lm_steps._one_shot_measurement(good, tmp_path / "finetuned")
+    assert (ppl.perplexity, ppl.tokens) == (31.5, 2040)
+    weights.write_bytes(b"another model")
+    with pytest.raises(ValueError, match="not the model the prune step measured"):
+        lm_steps._one_shot_measurement(good, tmp_path / "finetuned")

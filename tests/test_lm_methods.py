@@ -205,3 +205,26 @@ def test_linear_stats_without_gram_refuse_a_hessian() -> None:
     stats = LinearStats(sq_norms=torch.ones(3, dtype=torch.float64), gram=None, tokens=4)
     with pytest.raises(ValueError, match="no Gram matrix"):
         stats.hessian()
+
+
+def test_batched_block_qubos_equal_the_one_at_a_time_builder() -> None:
+    import numpy as np
+    from agentprune.pruning.icbs import qubo
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(24, 24))
+    h = a @ a.T
+    h = 0.5 * (h + h.T)
+    w0 = rng.normal(size=(6, 24))
+    mask = rng.random((6, 24)) > 0.5
+    rows = np.array([4, 1, 3])
+    grad = {int(r): rng.normal(size=24) for r in rows}
+    layer = icbs._Layer(w0, h, np.abs(w0), mask, grad)
+    idx = np.stack([rng.choice(24, 8, replace=False) for _ in rows])
+    q, c = icbs._block_qubos(layer, rows, idx)
+    for i, r in enumerate(rows):
+        i_r = idx[i]
+        current = np.where(mask[r, i_r], w0[r, i_r], 0.0)
+        one = qubo.build_qubo(current, w0[r, i_r], grad[int(r)][i_r], h[np.ix_(i_r, i_r)])
+        np.testing.assert_allclose(q[i], one.Q, rtol=1e-12, atol=1e-12)
+        assert c[i] == pytest.approx(one.c, rel=1e-12)

@@ -85,6 +85,8 @@ def test_lm_metrics_are_finite_and_pruned_is_not_better_than_dense(lm_run: Path)
         assert math.isfinite(m["perplexity"]) and m["perplexity"] >= 0.99 * m["perplexity_base"]
         assert m["sparsity"] >= 0.5 - 1e-6  # exact per row (the GGUF adds a few zeros of its own)
         assert m["seconds"]["prune"] > 0 and m["peak_memory_mb"]["prune"] > 100
+        # One-shot: the prune step measured the model it saved; evaluate checked the file.
+        assert m["perplexity_measured_by"] == "prune"
     runs = pd.read_csv(lm_run / "stats" / "runs.csv")
     assert len(runs) == 4 and "top1" not in runs.columns
     summary = pd.read_csv(lm_run / "stats" / "summary.csv")

@@ -21,10 +21,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported by the functions that use it: a job that never trains
+    import torch  # (an lm finetune, which only links files) does not pay for it
 
 # Set in the environment of the workers started by launch(): a step must not launch again.
 LAUNCHED_ENV = "AGENTPRUNE_TORCHRUN"
@@ -64,6 +64,9 @@ def init_from_env() -> DistInfo:
     Returns:
         This process's place; a one-process job initialises nothing.
     """
+    import torch
+    import torch.distributed as dist
+
     info = env_info()
     if not info.enabled or not dist.is_available():
         return DistInfo()
@@ -79,6 +82,8 @@ def init_from_env() -> DistInfo:
 
 def device(info: DistInfo) -> torch.device:
     """The device of this rank: its own GPU, or the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", info.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -86,12 +91,17 @@ def device(info: DistInfo) -> torch.device:
 
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (a no-op in a one-process job)."""
+    import torch.distributed as dist
+
     if info.enabled and dist.is_initialized():
         dist.barrier()
 
 
 def mean_over_ranks(value: float, info: DistInfo, dev: torch.device) -> float:
     """The mean of ``value`` over all ranks, so that every rank reports the same number."""
+    import torch
+    import torch.distributed as dist
+
     if not info.enabled:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=dev)
@@ -101,6 +111,8 @@ def mean_over_ranks(value: float, info: DistInfo, dev: torch.device) -> float:
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a one-process job)."""
+    import torch.distributed as dist
+
     if not info.enabled:
         return [obj]
     out: list[Any] = [None] * info.world_size
@@ -119,6 +131,10 @@ def requested_processes(gpus: int | str | None) -> int:
         n = int(gpus or 0)
     except (TypeError, ValueError):
         n = 0
+    if n <= 1:
+        return 1  # no GPU count to check: a job that never trains need not import torch
+    import torch
+
     return max(1, min(n, torch.cuda.device_count()))
 
 
@@ -177,6 +193,8 @@ def _main(argv: list[str]) -> int:
     The function is found by name at run time, so this module imports no step (no import cycle
     through the launcher)."""
     import importlib
+
+    import torch.distributed as dist
 
     entry, args = argv
     module, _, function = entry.partition(":")

@@ -258,7 +258,12 @@ def plan_step(
 def prune_step(config: Config, name: str | None = None) -> PruneStep | lm_settings.LMPruneStep:
     """The ``prune`` step (of model ``name``: an lm model's calibration text)."""
     if is_lm(config, name):
-        return lm_settings.LMPruneStep(family=lm_settings.FAMILY, text=lm_text(config))
+        return lm_settings.LMPruneStep(
+            family=lm_settings.FAMILY,
+            text=lm_text(config),
+            batch_size=int(config["lm"]["batch_size"]),
+            device=str(config["lm"]["device"]),
+        )
     return PruneStep(data(config), int(config["prune"]["batch_size"]))
 
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -60,11 +61,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def logged(log: str | Path | None, threads: int | None = None) -> Iterator[None]:
-    """Send stdout/stderr (tqdm included) to ``log`` and pin torch's thread count."""
-    if threads:
-        import torch
+    """Send stdout/stderr (tqdm included) to ``log`` and pin torch's thread count.
 
-        torch.set_num_threads(int(threads))
+    A step that has not imported torch yet gets the count through ``OMP_NUM_THREADS`` (torch reads
+    it when it is imported), so a step that never needs torch (an lm finetune, which only links
+    files) does not pay for importing it.
+    """
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(int(threads))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(threads))
     if not log:
         yield
         return

@@ -33,7 +33,7 @@ from torch import nn
 from agentprune.lm import masks, methods
 from agentprune.lm.calibration import LinearStats
 from agentprune.lm.settings import LayerICBSSettings, Sparsity
-from agentprune.pruning.icbs import qubo, solver
+from agentprune.pruning.icbs import solver
 
 # A new block mask must lower the row's loss by more than this fraction of the block's scale.
 IMPROVEMENT_RTOL = 1e-12
@@ -100,12 +100,13 @@ def _group_blocks(
     return idx, int(k[0].sum(axis=1)[0]) * count
 
 
-def _group_penalty(q: np.ndarray, groups: int, m: int, keep: int, weight: float) -> np.ndarray:
-    """``A * sum_g ((s_g - k)^2 - k^2)`` as a matrix for binary ``x`` (``s_g`` the group's sum)."""
-    scale = weight * float(np.abs(q).sum(axis=1).max())
-    block = np.full((m, m), scale)
-    np.fill_diagonal(block, scale * (1 - 2 * keep))
-    return np.kron(np.eye(groups), block)
+def _group_penalties(q: np.ndarray, groups: int, m: int, keep: int, weight: float) -> np.ndarray:
+    """``A * sum_g ((s_g - k)^2 - k^2)`` as a matrix for binary ``x`` (``s_g`` the group's sum),
+    for each of a batch of block QUBOs ``q`` ``(rows, n, n)``."""
+    scale = weight * np.abs(q).sum(axis=2).max(axis=1)  # (rows,)
+    block = np.ones((m, m))
+    np.fill_diagonal(block, 1 - 2 * keep)
+    return scale[:, None, None] * np.kron(np.eye(groups), block)[None]
 
 
 def _row_seed(seed: int, row: int, block: int) -> int:
@@ -117,49 +118,77 @@ class _Counts:
         self.blocks = self.improved = self.infeasible = 0
 
 
-def _solve_block(
+def _block_qubos(layer: _Layer, rows: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The block QUBOs of ``rows`` (block ``idx[i]`` of row ``rows[i]``), all at once: ``(Q, c)``
+    with ``Q`` ``(rows, n, n)`` symmetric, the same as
+    :func:`agentprune.pruning.icbs.qubo.build_qubo` builds one at a time (gradient multiplier 1,
+    no ridge; the layer's Hessian is already symmetric)."""
+    w0 = np.take_along_axis(layer.w0[rows], idx, axis=1)
+    current = np.where(np.take_along_axis(layer.mask[rows], idx, axis=1), w0, 0.0)
+    grad = np.stack([layer.grad[int(r)][i] for r, i in zip(rows, idx)])
+    hessian = layer.hessian[idx[:, :, None], idx[:, None, :]]
+    hw = np.einsum("rij,rj->ri", hessian, current)
+    q = 0.5 * (w0[:, :, None] * hessian * w0[:, None, :])
+    diagonal = np.arange(idx.shape[1])
+    q[:, diagonal, diagonal] += w0 * grad - w0 * hw
+    q = 0.5 * (q + q.transpose(0, 2, 1))
+    c = -np.einsum("ri,ri->r", grad, current) + 0.5 * np.einsum("ri,ri->r", current, hw)
+    return q, c
+
+
+def _solve_blocks(
     layer: _Layer,
-    r: int,
+    rows: np.ndarray,
     idx: np.ndarray,
     keep: int,
     sparsity: Sparsity,
     settings: LayerICBSSettings,
-    seed: int,
+    seeds: list[int],
     counts: _Counts,
 ) -> None:
-    """Build, solve and (if it helps) apply one block's QUBO."""
-    current = np.where(layer.mask[r, idx], layer.w0[r, idx], 0.0)
-    problem = qubo.build_qubo(
-        current, layer.w0[r, idx], layer.grad[r][idx], layer.hessian[np.ix_(idx, idx)], 1.0, 0.0
-    )
-    matrix = problem.Q
+    """Build the blocks' QUBOs (one per row, batched), anneal each, and apply every solution that
+    lowers its row's exact loss. Rows are independent: a row's loss depends on its own mask only.
+    """
+    q, c = _block_qubos(layer, rows, idx)
+    matrix = q
     if sparsity.is_n_m:
         m = sparsity.m
-        matrix = matrix + _group_penalty(
-            problem.Q, len(idx) // m, m, m - sparsity.n, settings.group_penalty
+        groups = idx.shape[1] // m
+        matrix = q + _group_penalties(q, groups, m, m - sparsity.n, settings.group_penalty)
+    factor = np.abs(matrix).mean(axis=(1, 2))
+    factor[~(factor > 0)] = 1.0
+    scaled = matrix / factor[:, None, None]
+    solutions = np.empty(idx.shape, dtype=bool)
+    for i, seed in enumerate(seeds):
+        x, _ = solver.anneal(
+            scaled[i],
+            keep,
+            restarts=settings.restarts,
+            seed=seed,
+            beta_initial=settings.beta_initial,
+            beta_final=settings.beta_final,
+            beta_factor=settings.beta_factor,
+            sweeps=settings.sweeps,
         )
-    scaled, _ = qubo.scale_for_solver(matrix)
-    x, _ = solver.anneal(
-        scaled,
-        keep,
-        restarts=settings.restarts,
-        seed=seed,
-        beta_initial=settings.beta_initial,
-        beta_final=settings.beta_final,
-        beta_factor=settings.beta_factor,
-        sweeps=settings.sweeps,
-    )
-    counts.blocks += 1
-    x = np.asarray(x, dtype=bool)
-    if sparsity.is_n_m and not (x.reshape(-1, sparsity.m).sum(axis=1) == m - sparsity.n).all():
-        counts.infeasible += 1
-        return
-    now = layer.mask[r, idx]
-    tol = IMPROVEMENT_RTOL * (abs(problem.c) + 1e-300)
-    if np.array_equal(x, now) or problem.energy(x) >= problem.energy(now) - tol:
-        return
-    layer.set_block(r, idx, x)
-    counts.improved += 1
+        solutions[i] = np.asarray(x, dtype=bool)
+    counts.blocks += len(rows)
+    now = np.take_along_axis(layer.mask[rows], idx, axis=1)
+    feasible = np.ones(len(rows), dtype=bool)
+    if sparsity.is_n_m:
+        per_group = solutions.reshape(len(rows), -1, sparsity.m).sum(axis=2)
+        feasible = (per_group == sparsity.m - sparsity.n).all(axis=1)
+        counts.infeasible += int((~feasible).sum())
+
+    def energies(x: np.ndarray) -> np.ndarray:
+        xf = x.astype(np.float64)
+        return np.einsum("ri,rij,rj->r", xf, q, xf) + c
+
+    tol = IMPROVEMENT_RTOL * (np.abs(c) + 1e-300)
+    changed = ~(solutions == now).all(axis=1)
+    better = energies(solutions) < energies(now) - tol
+    for i in np.flatnonzero(feasible & changed & better):
+        layer.set_block(int(rows[i]), idx[i], solutions[i])
+        counts.improved += 1
 
 
 def _row_losses(w0: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -224,9 +253,8 @@ def icbs_mask(
             break
         idx, keep = blocks
         np.put_along_axis(used, idx, True, axis=1)
-        for r, row_idx in zip(rows, idx):
-            seed_r = _row_seed(seed, r, j)
-            _solve_block(layer, r, row_idx, keep, sparsity, settings, seed_r, counts)
+        seeds = [_row_seed(seed, int(r), j) for r in rows]
+        _solve_blocks(layer, rows, idx, keep, sparsity, settings, seeds, counts)
     mask = torch.from_numpy(layer.mask)
     masks.check(mask, sparsity, "icbs")
     gain = float(start.sum()) - sum(layer.row_loss(int(r)) for r in rows)

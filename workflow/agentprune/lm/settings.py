@@ -387,10 +387,14 @@ class LMPlanStep:
 
 @dataclass(frozen=True, kw_only=True)
 class LMPruneStep:
-    """The ``prune`` step of an LM: the text its calibration windows come from."""
+    """The ``prune`` step of an LM: the text its calibration windows come from, and how the
+    pruned model's one-shot perplexity is measured (on the evaluation windows, as evaluate
+    would: the step has the model in memory, so an LM run loads it once)."""
 
     family: str
     text: LMText
+    batch_size: int
+    device: str
 
 
 @dataclass(frozen=True, kw_only=True)

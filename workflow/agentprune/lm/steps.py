@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -51,13 +52,25 @@ def _io():  # noqa: ANN202  (the JSON helpers of agentprune.steps, imported late
 
 
 def _peak_memory_mb() -> dict[str, float | None]:
-    """This process's peak resident memory and, on a GPU, the peak allocated GPU memory."""
-    import torch
+    """This process's peak resident memory and, on a GPU, the peak allocated GPU memory (a step
+    that never imported torch used none)."""
+    import resource
 
-    from agentprune.lm import evaluate
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    torch = sys.modules.get("torch")
+    gpu = None
+    if torch is not None and torch.cuda.is_available():
+        gpu = torch.cuda.max_memory_allocated() / MB
+    return {"rss": rss / MB, "gpu": gpu}
 
-    gpu = torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else None
-    return {"rss": evaluate.peak_rss_bytes() / MB, "gpu": gpu}
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def text_description(name: str, root: str | None) -> dict[str, Any]:
@@ -295,7 +308,8 @@ def prune(
     """Prune the base LM as ``plan.json`` says, on the calibration windows of the run's seed."""
     import torch
 
-    from agentprune.lm import models, strategies
+    from agentprune.lm import evaluate as lm_eval
+    from agentprune.lm import models, pruning, strategies
 
     plan_doc = _io().read_json(plan_json)
     seed = int(plan_doc["seed"])
@@ -323,6 +337,18 @@ def prune(
     }
     source = ModelSource.from_dict(desc["source"])
     models.save(model, out_stem, source, extra={"prune": report}, tokenizer=desc.get("tokenizer"))
+    # The one-shot model's perplexity and size, measured on the model just saved (float32
+    # safetensors: the file holds these exact tensors). Evaluate reuses them when no fine-tuning
+    # ran, after checking the evaluated file is this one, so an lm run loads its model once.
+    ppl = lm_eval.perplexity(model, windows.evaluation, step.batch_size, step.device)
+    report["one_shot"] = {
+        "perplexity": ppl.perplexity,
+        "nll": ppl.nll,
+        "tokens": ppl.tokens,
+        "seconds": ppl.seconds,
+        "zeros": pruning.zeros_summary(model),
+        "artifact_sha256": models.read_description(out_stem)["sha256"],
+    }
     report["method"] = plan_doc["method"]
     report["target_value"] = sparsity.target
     _io().write_json(report_json, report)
@@ -366,6 +392,23 @@ def finetune(
     return report
 
 
+def _one_shot_measurement(one_shot: dict[str, Any], stem: str | Path) -> Any:
+    """The prune step's perplexity of the model in ``<stem>.safetensors``, after checking that the
+    file is the one it measured (its SHA-256)."""
+    from types import SimpleNamespace
+
+    weights = Path(stem).with_suffix(".safetensors")
+    if _sha256(weights) != one_shot["artifact_sha256"]:
+        raise ValueError(
+            f"{weights}: not the model the prune step measured (checksum differs); rerun prune"
+        )
+    return SimpleNamespace(
+        perplexity=float(one_shot["perplexity"]),
+        nll=float(one_shot["nll"]),
+        tokens=int(one_shot["tokens"]),
+    )
+
+
 def evaluate(
     step: LMEvaluateStep,
     identity: dict[str, Any],
@@ -379,33 +422,43 @@ def evaluate(
 ) -> dict[str, Any]:
     """Perplexity, params, sparsity, the prune step's wall time and peak memory ->
     ``metrics.json``."""
-    import torch
-
-    from agentprune.lm import evaluate as lm_eval
-    from agentprune.lm import models, pruning
-
     start = time.perf_counter()
     io = _io()
     plan_doc = io.read_json(plan_json)
     base = io.read_json(base_metrics_json)
     prune_report = io.read_json(prune_report_json)
     ft_report = io.read_json(finetune_report_json)
-    model, desc = models.load(finetuned_stem)
-    windows = _windows(desc, step.text.settings(int(plan_doc["seed"])))
-    ppl = lm_eval.perplexity(model, windows.evaluation, step.batch_size, step.device)
-    if ft_report.get("skipped"):
-        pruned_ppl = ppl.perplexity
-    else:
-        pruned, _ = models.load(pruned_stem)
-        pruned_ppl = lm_eval.perplexity(
-            pruned, windows.evaluation, step.batch_size, step.device
-        ).perplexity
-        del pruned
-    zeros = pruning.zeros_summary(model)
     sparsity = _sparsity(plan_doc)
+    one_shot = prune_report.get("one_shot") if ft_report.get("skipped") else None
+    # A 2:4 model on a GPU is loaded here anyway, to time its semi-structured kernels.
+    time_kernels = step.device.startswith("cuda") and (sparsity.n, sparsity.m) == (2, 4)
+    reuse = one_shot is not None and not time_kernels
     speed = None
-    if sparsity.is_n_m and (sparsity.n, sparsity.m) == (2, 4) and torch.cuda.is_available():
-        speed = lm_eval.semi_structured_speed(model.to(torch.float16), windows.evaluation[:4])
+    if reuse:
+        # No fine-tuning: the evaluated model is the pruned one. Its perplexity was measured by
+        # the prune step on the same evaluation windows; check the file is that model.
+        measured = _one_shot_measurement(one_shot, finetuned_stem)
+        ppl, zeros, pruned_ppl = measured, one_shot["zeros"], measured.perplexity
+    else:
+        from agentprune.lm import evaluate as lm_eval
+        from agentprune.lm import models, pruning
+
+        model, desc = models.load(finetuned_stem)
+        windows = _windows(desc, step.text.settings(int(plan_doc["seed"])))
+        ppl = lm_eval.perplexity(model, windows.evaluation, step.batch_size, step.device)
+        zeros = pruning.zeros_summary(model)
+        if ft_report.get("skipped"):
+            pruned_ppl = ppl.perplexity
+        else:
+            pruned, _ = models.load(pruned_stem)
+            pruned_ppl = lm_eval.perplexity(
+                pruned, windows.evaluation, step.batch_size, step.device
+            ).perplexity
+            del pruned
+        if time_kernels:
+            import torch
+
+            speed = lm_eval.semi_structured_speed(model.to(torch.float16), windows.evaluation[:4])
     provenance = plan_doc.get("provenance", {})
     prune_peak = prune_report.get("peak_memory_mb", {})
     metrics = {
@@ -428,6 +481,9 @@ def evaluate(
         "perplexity": ppl.perplexity,
         "perplexity_pruned": pruned_ppl,
         "perplexity_base": float(base["perplexity"]),
+        # "prune": measured by the prune step on the model it saved (no fine-tuning ran; the
+        # evaluated file's checksum matched); "evaluate": measured here.
+        "perplexity_measured_by": "prune" if reuse else "evaluate",
         "nll": ppl.nll,
         "eval_tokens": ppl.tokens,
         "seconds": {
