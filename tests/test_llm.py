@@ -519,6 +519,22 @@ def test_real_llm_in_process_is_deterministic():
     assert llm.stats()["llm_calls"] == 2 and llm.stats()["completion_tokens"] > 0
 
 
+@needs_llama
+def test_system_prompt_state_is_built_once_and_replies_do_not_depend_on_call_order():
+    llm = LLM(llm_settings(backend="llamacpp", cache="off"), threads=2)
+    backend = llm._backend
+    llm_mod._PREFIXES.clear()
+    first = backend.complete(REAL_MESSAGES, RealSchedule, 1).text
+    (key,) = llm_mod._PREFIXES  # the system message's tokens, evaluated once
+    assert len(key[1]) > 20
+    other = [REAL_MESSAGES[0], {"role": "user", "content": "Choose for a model pruned hard."}]
+    backend.complete(other, RealSchedule, 1)
+    assert list(llm_mod._PREFIXES) == [key]  # the same system message: the same state
+    assert backend.complete(REAL_MESSAGES, RealSchedule, 1).text == first
+    llm_mod._PREFIXES.clear()  # a process that never saw the other call replies the same
+    assert backend.complete(REAL_MESSAGES, RealSchedule, 1).text == first
+
+
 # ---------------------------------------------------------------------------------------------
 # settings
 

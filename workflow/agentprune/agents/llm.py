@@ -266,6 +266,62 @@ def _load_llama(path: str, threads: int) -> tuple[Any, threading.Lock]:
         return _LLAMAS[path]
 
 
+_PREFIXES: dict[tuple[str, tuple[int, ...]], Any] = {}
+"""(GGUF path, prompt tokens of a system message) -> the llama state with them evaluated."""
+
+
+def _chat_tokens(llama: Any, messages: list[dict]) -> list[int] | None:
+    """The prompt tokens llama-cpp-python's chat handler feeds the model for ``messages`` (the
+    GGUF's own chat template), or None for a model without one."""
+    from llama_cpp import llama_chat_format
+
+    template = llama.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    eos, bos = llama.token_eos(), llama.token_bos()
+    formatter = llama_chat_format.Jinja2ChatFormatter(
+        template=template,
+        eos_token=llama.detokenize([eos], special=True).decode() if eos != -1 else "",
+        bos_token=llama.detokenize([bos], special=True).decode() if bos != -1 else "",
+        stop_token_ids=[eos],
+    )
+    result = formatter(messages=messages)
+    return llama.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
+
+
+def _prefix_state(llama: Any, path: str, messages: list[dict]) -> Any:
+    """The state after evaluating the prompt tokens shared by every call with this system
+    message (its template tokens, up to where the user's text starts), built once per process.
+
+    A system prompt (the agent's role and the schema, about 470 tokens for the master) is the
+    same in every call of an agent; evaluating it once and restoring that state before each call
+    saves most of the prompt evaluation. The state depends on the system message alone, so a
+    reply still depends only on its messages, whichever calls came before. Returns None when the
+    first message is not a system message or the model has no chat template.
+    """
+    if not messages or messages[0].get("role") != "system" or len(messages) < 2:
+        return None
+    full = _chat_tokens(llama, messages)
+    probe = _chat_tokens(llama, [messages[0], {"role": "user", "content": "\x00"}])
+    if full is None or probe is None:
+        return None
+    shared = 0
+    for a, b in zip(full, probe):
+        if a != b:
+            break
+        shared += 1
+    # Keep the last prompt token out of the prefix: llama.cpp must evaluate it for the logits.
+    prefix = tuple(full[: min(shared, len(full) - 1)])
+    if not prefix:
+        return None
+    key = (path, prefix)
+    if key not in _PREFIXES:
+        llama.reset()
+        llama.eval(list(prefix))
+        _PREFIXES[key] = llama.save_state()
+    return _PREFIXES[key]
+
+
 def _close_llamas() -> None:
     """Frees the models at exit, while llama_cpp's module globals still exist (Llama.__del__
     during interpreter teardown raises ``'NoneType' object is not callable``)."""
@@ -274,6 +330,7 @@ def _close_llamas() -> None:
             with contextlib.suppress(Exception):  # best effort at exit
                 llama.close()
         _LLAMAS.clear()
+        _PREFIXES.clear()
 
 
 class _LlamaCppBackend:
@@ -297,9 +354,15 @@ class _LlamaCppBackend:
         s = self.settings
         llama, lock = _load_llama(self.path, self.threads)
         with lock:
-            # Forget the previous prompt: reusing a cached prefix changes the evaluation batches,
-            # and with them the logits' rounding, so replies would depend on the call history.
-            llama.reset()
+            # Start every call from the same state for the same messages: the evaluated system
+            # prompt (see _prefix_state), or nothing. Reusing whatever the previous call left
+            # would change the evaluation batches, and with them the logits' rounding, so replies
+            # would depend on the call history.
+            state = _prefix_state(llama, self.path, messages)
+            if state is None:
+                llama.reset()
+            else:
+                llama.load_state(state)
             out = llama.create_chat_completion(
                 messages=messages,
                 response_format={"type": "json_object", "schema": schema.model_json_schema()},
