@@ -48,11 +48,7 @@ def main() -> None:
         schema = SCHEMAS[agent].model_json_schema()
         for variant in ("reset", "prefix"):
             start = time.perf_counter()
-            state = llm_mod._prefix_state(llama, path, messages) if variant == "prefix" else None
-            if state is None:
-                llama.reset()
-            else:
-                llama.load_state(state)
+            llm_mod.start_call(llama, path, messages, prefix=variant == "prefix")
             out = llama.create_chat_completion(
                 messages=messages,
                 response_format={"type": "json_object", "schema": schema},

@@ -322,6 +322,20 @@ def _prefix_state(llama: Any, path: str, messages: list[dict]) -> Any:
     return _PREFIXES[key]
 
 
+def start_call(llama: Any, path: str, messages: list[dict], prefix: bool = True) -> None:
+    """Put the model in the state a call with ``messages`` starts from: the evaluated system
+    prompt (:func:`_prefix_state`; ``prefix=False`` or no system message: nothing).
+
+    Reusing whatever the previous call left instead would change the evaluation batches, and
+    with them the logits' rounding, so replies would depend on the call history.
+    """
+    state = _prefix_state(llama, path, messages) if prefix else None
+    if state is None:
+        llama.reset()
+    else:
+        llama.load_state(state)
+
+
 def _close_llamas() -> None:
     """Frees the models at exit, while llama_cpp's module globals still exist (Llama.__del__
     during interpreter teardown raises ``'NoneType' object is not callable``)."""
@@ -354,15 +368,7 @@ class _LlamaCppBackend:
         s = self.settings
         llama, lock = _load_llama(self.path, self.threads)
         with lock:
-            # Start every call from the same state for the same messages: the evaluated system
-            # prompt (see _prefix_state), or nothing. Reusing whatever the previous call left
-            # would change the evaluation batches, and with them the logits' rounding, so replies
-            # would depend on the call history.
-            state = _prefix_state(llama, self.path, messages)
-            if state is None:
-                llama.reset()
-            else:
-                llama.load_state(state)
+            start_call(llama, self.path, messages)
             out = llama.create_chat_completion(
                 messages=messages,
                 response_format={"type": "json_object", "schema": schema.model_json_schema()},
