@@ -269,6 +269,9 @@ def _load_llama(path: str, threads: int) -> tuple[Any, threading.Lock]:
 _PREFIXES: dict[tuple[str, tuple[int, ...]], Any] = {}
 """(GGUF path, prompt tokens of a system message) -> the llama state with them evaluated."""
 
+_FORMATTERS: dict[str, Any] = {}
+"""A GGUF's chat template -> its llama-cpp-python formatter."""
+
 
 def _chat_tokens(llama: Any, messages: list[dict]) -> list[int] | None:
     """The prompt tokens llama-cpp-python's chat handler feeds the model for ``messages`` (the
@@ -278,14 +281,15 @@ def _chat_tokens(llama: Any, messages: list[dict]) -> list[int] | None:
     template = llama.metadata.get("tokenizer.chat_template")
     if not template:
         return None
-    eos, bos = llama.token_eos(), llama.token_bos()
-    formatter = llama_chat_format.Jinja2ChatFormatter(
-        template=template,
-        eos_token=llama.detokenize([eos], special=True).decode() if eos != -1 else "",
-        bos_token=llama.detokenize([bos], special=True).decode() if bos != -1 else "",
-        stop_token_ids=[eos],
-    )
-    result = formatter(messages=messages)
+    if template not in _FORMATTERS:  # compiling the Jinja template once per process
+        eos, bos = llama.token_eos(), llama.token_bos()
+        _FORMATTERS[template] = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=llama.detokenize([eos], special=True).decode() if eos != -1 else "",
+            bos_token=llama.detokenize([bos], special=True).decode() if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+    result = _FORMATTERS[template](messages=messages)
     return llama.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
 
 
