@@ -50,6 +50,30 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore:Unwrapped parameters detected:UserWarning")
 
 
+def _run_order(item: pytest.Item) -> int:
+    """The slowest work first: the Slurm run, the smoke run's users, the other workflow runs."""
+    if item.get_closest_marker("slurm"):
+        return 0
+    if "smoke_run" in item.fixturenames:
+        return 1
+    return 2 if item.get_closest_marker("workflow") else 3
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group the tests for ``pytest -n 2`` (pytest-xdist, ``--dist loadgroup`` in pyproject.toml).
+
+    A worker takes one group at a time: a module's tests stay together, so that its module-scoped
+    fixtures are built once, and every test that uses the session's smoke run joins one group, so
+    that the run happens once. Groups are handed out slowest first (a stable sort), so that no
+    worker is left alone with a long one at the end.
+    """
+    for item in items:
+        group = "smoke_run" if "smoke_run" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=_run_order)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Intra-op threads oversubscribe a shared 2-core machine (a 7 ms forward becomes 400 ms)."""

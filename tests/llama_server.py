@@ -4,9 +4,8 @@ loads them: without llama.cpp's weight repacking (see ``agentprune.agents.llm``)
 
 from __future__ import annotations
 
-from llama_cpp.server.__main__ import main
-
 from agentprune.agents.llm import weight_repacking_off
+from llama_cpp.server.__main__ import main
 
 if __name__ == "__main__":
     with weight_repacking_off():

@@ -6,6 +6,7 @@ derived from the files each run reports as updated.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def run_snakemake(
     forcerun: list[str] | None = None,
     overrides: dict | None = None,
     until: list[str] | None = None,
+    targets: list[str] | None = None,
 ) -> Counter:
     """Run the workflow with the Snakemake API; return the number of jobs per rule.
 
@@ -43,6 +45,7 @@ def run_snakemake(
         forcerun: Rules to rerun with their descendants (``-R``).
         overrides: Config values merged over config/smoke.yaml (``--config``).
         until: Rules after which to stop (``--until``).
+        targets: Files to build (default: the workflow's default target).
     """
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (
@@ -60,7 +63,10 @@ def run_snakemake(
             snakefile=ROOT / "Snakefile",
             workdir=workdir,
         )
-        dag = workflow.dag(DAGSettings(forcerun=forcerun or [], until=until or []))
+        settings = DAGSettings(
+            targets=frozenset(targets or ()), forcerun=forcerun or [], until=until or []
+        )
+        dag = workflow.dag(settings)
         dag.execute_workflow(executor="local", updated_files=updated)
     jobs: Counter = Counter()
     for path in updated:
@@ -72,6 +78,21 @@ def run_snakemake(
         if name in RULE_OF_OUTPUT:
             jobs[RULE_OF_OUTPUT[name]] += 1
     return jobs
+
+
+# What every run of the smoke grid's model starts from: the data set, the trained base model and
+# its profile (relative to results/).
+UPSTREAM = ("digits/dataset.json", "digits/vit/base", "digits/vit/profile.json")
+
+
+def copy_upstream(source: Path, dest: Path) -> None:
+    """Copy the smoke run's upstream files (with their mtimes) from workdir ``source`` into workdir
+    ``dest``, so that a test about what happens downstream does not train the base model again:
+    Snakemake finds them present and up to date."""
+    for rel in UPSTREAM:
+        src, dst = source / "results" / rel, dest / "results" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
 
 
 def smoke_grid() -> dict[str, int]:

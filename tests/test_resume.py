@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from smoke import ROOT, SMOKE
+from smoke import ROOT, SMOKE, copy_upstream
 
 pytestmark = pytest.mark.workflow
 
@@ -80,10 +81,14 @@ def untimed(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMINGS and k != "planning"}
 
 
-def test_a_killed_study_resumes_after_unlock(tmp_path: Path) -> None:
+def test_a_killed_study_resumes_after_unlock(
+    smoke_run: tuple[Path, Counter], tmp_path: Path
+) -> None:
+    """Both studies start from the smoke run's base model: the kill is about fine-tuning."""
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    killed.mkdir()
-    clean.mkdir()
+    for workdir in (killed, clean):
+        workdir.mkdir()
+        copy_upstream(smoke_run[0], workdir)
     kill_during_finetune(killed)
     before = files(killed)
     assert f"{RUN}/pruned.safetensors" in before and f"{RUN}/metrics.json" not in before

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from smoke import ROOT, SMOKE, run_snakemake, smoke_grid
+from smoke import ROOT, SMOKE, copy_upstream, run_snakemake, smoke_grid
 
 pytestmark = pytest.mark.workflow
 
@@ -40,7 +40,7 @@ def test_full_run_builds_every_job_and_the_report(workdir: Path, first_run: Coun
     for fig in (*figures, "time_memory_per_step"):
         assert (results / "paper" / "figures" / f"{fig}.png").stat().st_size > 5_000
     table = (results / "paper" / "tables" / "results.md").read_text()
-    assert "isomorphic" in table and "magnitude_l2" in table and "icbs" not in table
+    assert "isomorphic" in table and "agents_heuristic" in table and "icbs" not in table
     sparse = (results / "paper" / "tables" / "unstructured.md").read_text()
     assert "| icbs |" in sparse and "| magnitude |" in sparse
     metrics = [json.loads(p.read_text()) for p in results.glob("digits/*/*/r*/s*/metrics.json")]
@@ -74,9 +74,15 @@ def per_run(*rules: str) -> dict[str, int]:
 
 
 def test_forcerun_finetune_reruns_only_descendants(workdir: Path, first_run: Counter) -> None:
+    """``-R finetune`` on one run's card: that run's finetune, evaluate and card rerun, and
+    nothing upstream of its finetune (one run: the smoke grid's twelve would repeat the check)."""
     assert sum(first_run.values()) > 0
-    jobs = run_snakemake(workdir, forcerun=["finetune"])
-    assert dict(jobs) == per_run("finetune", "evaluate", "run_card")
+    target = "results/digits/vit/isomorphic/r0.3/s0/run.html"  # relative to the workdir
+    run = (workdir / target).parent
+    before = {name: (run / name).stat().st_mtime_ns for name in ("plan.json", "pruned.safetensors")}
+    jobs = run_snakemake(workdir, forcerun=["finetune"], targets=[target])
+    assert dict(jobs) == {"finetune": 1, "evaluate": 1, "run_card": 1}
+    assert {name: (run / name).stat().st_mtime_ns for name in before} == before
 
 
 FINETUNE_CHANGE = {"finetune": {"lr": 0.002}}
@@ -105,13 +111,13 @@ def test_changed_method_settings_rerun_only_that_methods_chain(
 ) -> None:
     assert sum(first_run.values()) > 0
     cfg = yaml.safe_load(SMOKE.read_text())
-    overrides = {**FINETUNE_CHANGE, "method_settings": {"magnitude_l2": {"round_to": 2}}}
+    overrides = {**FINETUNE_CHANGE, "method_settings": {"isomorphic": {"round_to": 1}}}
     jobs = run_snakemake(workdir, overrides=overrides)
     one_chain = len(cfg["seeds"]) * len(cfg["ratios"]) * len(cfg["models"])
     chain = {rule: one_chain for rule in ("plan", "prune", "finetune", "evaluate", "run_card")}
     assert dict(jobs) == {**chain, "stats": 1, "paper": 1}
-    plans = list(workdir.glob("results/digits/*/magnitude_l2/*/*/plan.json"))
-    assert plans and all(json.loads(p.read_text())["pruner"]["round_to"] == 2 for p in plans)
+    plans = list(workdir.glob("results/digits/*/isomorphic/*/*/plan.json"))
+    assert plans and all(json.loads(p.read_text())["pruner"]["round_to"] == 1 for p in plans)
 
 
 def test_a_method_section_value_reruns_exactly_that_methods_chain(
@@ -122,7 +128,7 @@ def test_a_method_section_value_reruns_exactly_that_methods_chain(
     and the new value is what the pruner used."""
     assert sum(first_run.values()) > 0
     cfg = yaml.safe_load(SMOKE.read_text())
-    overrides = {**FINETUNE_CHANGE, "method_settings": {"magnitude_l2": {"round_to": 2}}}
+    overrides = {**FINETUNE_CHANGE, "method_settings": {"isomorphic": {"round_to": 1}}}
     overrides["icbs"] = {"block_size": 8}
     jobs = run_snakemake(workdir, overrides=overrides)
     one_chain = len(cfg["seeds"]) * len(cfg["sparsities"]) * len(cfg["models"])
@@ -153,10 +159,11 @@ def test_bad_config_fails_before_any_job_with_one_line(tmp_path: Path) -> None:
 
 
 def test_no_api_key_reaches_any_artifact_or_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A multi_agent run against an OpenAI-compatible server (scripted, answering every agent
-    with a schema-valid decision) leaves no trace of the API key in results/ or .snakemake/."""
+    with a schema-valid decision) leaves no trace of the API key in results/ or .snakemake/.
+    It starts from the smoke run's base model: the key travels with the plan job only."""
     import secrets
 
     from fault_server import FaultServer, Step
@@ -185,6 +192,7 @@ def test_no_api_key_reaches_any_artifact_or_log(
         agent = next(a for a in answers if f"You are the {a} agent" in system)
         return Step(json.dumps(answers[agent]))
 
+    copy_upstream(workdir, tmp_path)
     server = FaultServer(default=answer)
     try:
         jobs = run_snakemake(
@@ -220,14 +228,10 @@ def test_an_unreachable_llm_fails_the_plan_job_with_one_line(
     """A study whose base_url is a closed port fails in its plan job with the coordinator's one
     line (backend, endpoint, last error), instead of running the default policy as multi_agent;
     with agents.allow_fallback the same job succeeds and says so in its plan."""
-    import shutil
     import socket
 
     assert sum(first_run.values()) > 0
-    for rel in ("digits/dataset.json", "digits/vit/base", "digits/vit/profile.json"):
-        source, dest = workdir / "results" / rel, tmp_path / "results" / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest)
+    copy_upstream(workdir, tmp_path)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"  # closed once the block ends
