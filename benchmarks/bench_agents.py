@@ -68,17 +68,14 @@ def replan(
     Returns:
         The plan, the new run's metrics and the in-process planning seconds.
     """
-    from agentprune import steps
+    from agentprune import resolve, steps
 
     dataset, model, ratio, seed = key
     base = results / dataset / model / "base" / "model"
     out = tmp / f"{model}_r{ratio}_s{seed}"
     start = time.perf_counter()
     plan = steps.plan(
-        config,
-        "multi_agent",
-        model,
-        float(ratio),
+        resolve.plan_step(config, "multi_agent", model, float(ratio)),
         int(seed),
         results / dataset / model / "profile.json",
         out / "plan.json",
@@ -86,13 +83,31 @@ def replan(
         threads=1,
     )
     seconds = time.perf_counter() - start
-    steps.prune(config, out / "plan.json", base, out / "pruned", out / "prune_report.json")
-    steps.finetune(
-        config, out / "plan.json", out / "pruned", base, out / "finetuned", out / "ft.json"
+    steps.prune(
+        resolve.prune_step(config, model),
+        out / "plan.json",
+        base,
+        out / "pruned",
+        out / "prune_report.json",
     )
-    identity = {"dataset": dataset, "model": model, "ratio": ratio, "seed": seed}
+    steps.finetune(
+        resolve.finetune_step(config, model),
+        out / "plan.json",
+        out / "pruned",
+        base,
+        out / "finetuned",
+        out / "ft.json",
+    )
+    # What the evaluate rule passes: the run's wildcards.
+    identity = {
+        "dataset": dataset,
+        "model": model,
+        "method": "multi_agent",
+        "ratio": ratio,
+        "seed": seed,
+    }
     metrics = steps.evaluate(
-        config,
+        resolve.evaluate_step(config, model),
         identity,
         out / "plan.json",
         base.with_name("metrics.json"),
