@@ -75,7 +75,7 @@ def per_run(*rules: str) -> dict[str, int]:
 
 def test_forcerun_finetune_reruns_only_descendants(workdir: Path, first_run: Counter) -> None:
     """``-R finetune`` on one run's card: that run's finetune, evaluate and card rerun, and
-    nothing upstream of its finetune (one run: the smoke grid's twelve would repeat the check)."""
+    nothing upstream of its finetune (one run: the grid's other runs would repeat the check)."""
     assert sum(first_run.values()) > 0
     target = "results/digits/vit/isomorphic/r0.3/s0/run.html"  # relative to the workdir
     run = (workdir / target).parent
