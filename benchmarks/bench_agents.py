@@ -12,7 +12,7 @@ Per multi_agent run of the study (dataset, model, ratio, seed) it prints:
 
 * the planning cost: real LLM calls, prompt and completion tokens, planning seconds, and the
   plan job's wall seconds over the isomorphic prune job's (from Snakemake's ``benchmark:``
-  files; the study's own plans only);
+  files; the study's own plans only; a ``batch_seeds`` prune job counts its per-run share);
 * the influence figures: per agent the LLM decisions that differ from the default policy's in
   the same state out of all decisions, and the default policy's answers by reason; the trials
   that ran an LLM-originated strategy; whether the selected trial is one of them;
@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from agentprune import benchmarks
 
 AGENTS = ("profiling", "master")
 
@@ -180,7 +182,9 @@ def report(args: argparse.Namespace, prompt: str | None) -> None:
                 seconds = metrics["planning"]["seconds"]
                 tail = Path(dataset, model)
                 plan_job = job_seconds(bench / tail / "multi_agent" / f"r{ratio}/s{seed}/plan.tsv")
-                prune_job = job_seconds(bench / tail / "isomorphic" / f"r{ratio}/s{seed}/prune.tsv")
+                # The run's share of the isomorphic prune job (a batch_seeds job ran all seeds).
+                iso_cell = bench / tail / "isomorphic" / f"r{ratio}"
+                prune_job = benchmarks.run_seconds(iso_cell, seed, "prune")
                 job_ratio = plan_job / prune_job if plan_job and prune_job else None
                 ratio_text = f"{job_ratio:.2f}x" if job_ratio else "-"
                 if job_ratio:

@@ -108,16 +108,20 @@ def startup_seconds(statement: str, repeats: int = 3) -> float:
 
 
 def step_cpu(results: Path) -> dict[str, dict[str, float]]:
-    """Per step: jobs, mean and total CPU and wall seconds from the benchmark files."""
+    """Per step: jobs, runs, mean CPU and wall seconds per job, CPU per run and the total, from
+    the benchmark files (a ``batch_seeds`` job serves several runs)."""
     files = sorted((results / "benchmarks").glob("*/*/*/r*/s*/*.tsv"))
     if not files:
         return {}
     frame = benchmarks.collect(files)
     out = {}
     for step, group in frame.groupby("step", sort=False):
+        runs = int(group["runs"].sum())
         out[str(step)] = {
             "jobs": len(group),
+            "runs": runs,
             "cpu_s_mean": round(float(group["cpu_seconds"].mean()), 2),
+            "cpu_s_per_run": round(float(group["cpu_seconds"].sum()) / runs, 2),
             "cpu_s_total": round(float(group["cpu_seconds"].sum()), 1),
             "wall_s_mean": round(float(group["seconds"].mean()), 2),
         }

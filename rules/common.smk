@@ -23,6 +23,16 @@ RUN_LOGS = f"{LOGS}/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/s{{seed}}"
 BENCH_RUN = (
     f"{RESULTS}/benchmarks/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/s{{seed}}"
 )
+# With batch_seeds, one prune/finetune/evaluate job serves every seed of a (model, method, ratio):
+# its log and benchmark file sit under JOB_DIR, named for the seeds it ran.
+SEEDS = config["seeds"]
+BATCH_SEEDS = config["batch_seeds"]
+JOB_DIR = "s" + "+".join(str(seed) for seed in SEEDS) if BATCH_SEEDS else "s{seed}"
+CELL = f"{RESULTS}/{{dataset}}/{{model}}/{{method}}/r{{ratio}}"
+JOB_LOGS = f"{LOGS}/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/{JOB_DIR}"
+BENCH_JOB = (
+    f"{RESULTS}/benchmarks/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/{JOB_DIR}"
+)
 STATS = f"{RESULTS}/stats"
 PAPER = f"{RESULTS}/paper"
 REPORT = f"{RESULTS}/report.html"
@@ -49,6 +59,20 @@ wildcard_constraints:
     # A fraction (0.5), or an N:M sparsity of the lm family (2of4).
     ratio=r"[0-9]*\.?[0-9]+|[0-9]+of[0-9]+",
     seed=r"[0-9]+",
+
+
+def job_runs(filename):
+    """``filename`` of every run a prune/finetune/evaluate job serves: all seeds of its (model,
+    method, ratio) with batch_seeds, else its own run. Always a list, in the order of job_seeds.
+    """
+    if BATCH_SEEDS:
+        return expand(f"{CELL}/s{{seed}}/{filename}", seed=SEEDS, allow_missing=True)
+    return [f"{RUN}/{filename}"]
+
+
+def job_seeds(wildcards):
+    """The seeds a prune/finetune/evaluate job runs, in the order of its job_runs files."""
+    return list(SEEDS) if BATCH_SEEDS else [int(wildcards.seed)]
 
 
 # --- params: each rule's typed settings, in plain form ----------------------------------------
@@ -174,14 +198,19 @@ def all_metrics():
 
 
 def run_benchmarks():
-    """The benchmark file of every per-run job (plan, prune, finetune, evaluate) in the grid.
+    """The benchmark file of every per-run job in the grid: one plan per run, and one prune,
+    finetune and evaluate per job (per run, or per (model, method, ratio) with batch_seeds).
 
     Base-model jobs are left out on purpose: with `--cache` they may be fetched instead of run, and
     then have no benchmark file.
     """
     from agentprune.benchmarks import STEPS
 
-    return [path for step in STEPS for path in runs(f"{step}.tsv", root=BENCH_RUN)]
+    plans = runs("plan.tsv", root=BENCH_RUN)
+    jobs = [path for step in STEPS[1:] for path in runs(f"{step}.tsv", root=BENCH_JOB)]
+    return plans + list(
+        dict.fromkeys(jobs)
+    )  # a batched job's file once, not once per seed
 
 
 def report_pages():

@@ -3,25 +3,26 @@
 
 rule evaluate:
     input:
-        plan=f"{RUN}/plan.json",
+        plan=job_runs("plan.json"),
         base_metrics=f"{BASE}/metrics.json",
-        prune_report=f"{RUN}/prune_report.json",
-        finetune_report=f"{RUN}/finetune_report.json",
-        pruned=f"{RUN}/pruned.safetensors",
-        pruned_structure=f"{RUN}/pruned.json",
-        finetuned=f"{RUN}/finetuned.safetensors",
-        finetuned_structure=f"{RUN}/finetuned.json",
+        prune_report=job_runs("prune_report.json"),
+        finetune_report=job_runs("finetune_report.json"),
+        pruned=job_runs("pruned.safetensors"),
+        pruned_structure=job_runs("pruned.json"),
+        finetuned=job_runs("finetuned.safetensors"),
+        finetuned_structure=job_runs("finetuned.json"),
     output:
-        f"{RUN}/metrics.json",
+        metrics=job_runs("metrics.json"),
     log:
-        f"{RUN_LOGS}/evaluate.log",
+        f"{JOB_LOGS}/evaluate.log",
     benchmark:
-        f"{BENCH_RUN}/evaluate.tsv"
+        f"{BENCH_JOB}/evaluate.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
     params:
         step=evaluate_params,
+        seeds=job_seeds,
     script:
         "../scripts/evaluate.py"
 

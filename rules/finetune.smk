@@ -3,19 +3,19 @@
 
 rule finetune:
     input:
-        plan=f"{RUN}/plan.json",
-        weights=f"{RUN}/pruned.safetensors",
-        structure=f"{RUN}/pruned.json",
+        plan=job_runs("plan.json"),
+        weights=job_runs("pruned.safetensors"),
+        structure=job_runs("pruned.json"),
         base_weights=f"{BASE}/model.safetensors",
         base_structure=f"{BASE}/model.json",
     output:
-        weights=f"{RUN}/finetuned.safetensors",
-        structure=f"{RUN}/finetuned.json",
-        report=f"{RUN}/finetune_report.json",
+        weights=job_runs("finetuned.safetensors"),
+        structure=job_runs("finetuned.json"),
+        report=job_runs("finetune_report.json"),
     log:
-        f"{RUN_LOGS}/finetune.log",
+        f"{JOB_LOGS}/finetune.log",
     benchmark:
-        f"{BENCH_RUN}/finetune.tsv"
+        f"{BENCH_JOB}/finetune.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -23,5 +23,6 @@ rule finetune:
         # The model's effective recipe (finetune + models[].finetune, epochs * epochs_scale): a
         # change reruns only that model's fine-tuning chain.
         step=finetune_params,
+        seeds=job_seeds,
     script:
         "../scripts/finetune.py"

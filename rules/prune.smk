@@ -40,24 +40,27 @@ use rule plan as plan_trials with:
 ruleorder: plan_trials > plan
 
 
+# prune, finetune and evaluate serve the runs of job_runs: every seed of a (model, method, ratio)
+# with batch_seeds, one after another in one process, else one run.
 rule prune:
     input:
-        plan=f"{RUN}/plan.json",
+        plan=job_runs("plan.json"),
         weights=f"{BASE}/model.safetensors",
         structure=f"{BASE}/model.json",
     output:
-        weights=f"{RUN}/pruned.safetensors",
-        structure=f"{RUN}/pruned.json",
-        report=f"{RUN}/prune_report.json",
+        weights=job_runs("pruned.safetensors"),
+        structure=job_runs("pruned.json"),
+        report=job_runs("prune_report.json"),
     log:
-        f"{RUN_LOGS}/prune.log",
+        f"{JOB_LOGS}/prune.log",
     benchmark:
-        f"{BENCH_RUN}/prune.tsv"
+        f"{BENCH_JOB}/prune.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
     params:
         step=prune_params,
+        seeds=job_seeds,
     script:
         "../scripts/prune.py"
 

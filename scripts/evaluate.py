@@ -1,18 +1,22 @@
-"""Snakemake script: evaluate the run and write metrics.json."""
+"""Snakemake script: evaluate each run of the job and write its metrics.json."""
 
 from pathlib import Path
 
 from agentprune import families, steps
 
+step = families.build_step("evaluate", snakemake.params.step, "evaluate")
+inputs, outputs = snakemake.input, snakemake.output
 with steps.logged(snakemake.log[0], snakemake.threads):
-    steps.evaluate(
-        families.build_step("evaluate", snakemake.params.step, "evaluate"),
-        dict(snakemake.wildcards),
-        snakemake.input.plan,
-        snakemake.input.base_metrics,
-        snakemake.input.prune_report,
-        snakemake.input.finetune_report,
-        Path(snakemake.input.pruned).with_suffix(""),
-        Path(snakemake.input.finetuned).with_suffix(""),
-        snakemake.output[0],
-    )
+    for i, seed in enumerate(snakemake.params.seeds):
+        print(f"--- seed {seed}", flush=True)
+        steps.evaluate(
+            step,
+            {**dict(snakemake.wildcards), "seed": str(seed)},
+            inputs.plan[i],
+            inputs.base_metrics,
+            inputs.prune_report[i],
+            inputs.finetune_report[i],
+            Path(inputs.pruned[i]).with_suffix(""),
+            Path(inputs.finetuned[i]).with_suffix(""),
+            outputs.metrics[i],
+        )

@@ -1,7 +1,8 @@
 """The smoke workflow run that several test modules share, and the helpers that drive it.
 
-The run goes through the Snakemake Python API on ``config/smoke.yaml``; job counts per rule are
-derived from the files each run reports as updated.
+The run goes through the Snakemake Python API on ``config/smoke.yaml``; counts per rule are
+derived from the files each run reports as updated: jobs, except for prune, finetune and evaluate,
+whose batched jobs (``batch_seeds``) write one such file per run, so they count runs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "config" / "smoke.yaml"
 
-# The output file that identifies each rule's job (one per job).
+# The output file that identifies each rule's job (one per job; one per run for the batched rules).
 RULE_OF_OUTPUT = {
     "dataset.json": "download_data",
     "model.safetensors": "download_model",
@@ -38,7 +39,8 @@ def run_snakemake(
     until: list[str] | None = None,
     targets: list[str] | None = None,
 ) -> Counter:
-    """Run the workflow with the Snakemake API; return the number of jobs per rule.
+    """Run the workflow with the Snakemake API; return the number of jobs (runs, for the batched
+    rules) per rule.
 
     Args:
         workdir: The run's working directory (results/ goes there).
@@ -96,7 +98,7 @@ def copy_upstream(source: Path, dest: Path) -> None:
 
 
 def smoke_grid() -> dict[str, int]:
-    """Jobs per rule the smoke grid implies."""
+    """Jobs (runs, for the batched rules) per rule the smoke grid implies."""
     cfg = yaml.safe_load(SMOKE.read_text())
     from agentprune.pruning import catalog
 

@@ -74,15 +74,18 @@ def per_run(*rules: str) -> dict[str, int]:
 
 
 def test_forcerun_finetune_reruns_only_descendants(workdir: Path, first_run: Counter) -> None:
-    """``-R finetune`` on one run's card: that run's finetune, evaluate and card rerun, and
-    nothing upstream of its finetune (one run: the grid's other runs would repeat the check)."""
+    """``-R finetune`` on one run's card: the finetune and evaluate job of its (model, method,
+    ratio), which serves every seed (batch_seeds), rerun, then that run's card, and nothing
+    upstream of finetune (one run: the grid's other runs would repeat the check)."""
     assert sum(first_run.values()) > 0
+    seeds = len(yaml.safe_load(SMOKE.read_text())["seeds"])
     target = "results/digits/vit/isomorphic/r0.3/s0/run.html"  # relative to the workdir
-    run = (workdir / target).parent
-    before = {name: (run / name).stat().st_mtime_ns for name in ("plan.json", "pruned.safetensors")}
+    runs = [(workdir / target).parents[1] / f"s{seed}" for seed in range(seeds)]
+    names = ("plan.json", "pruned.safetensors")
+    before = [{name: (run / name).stat().st_mtime_ns for name in names} for run in runs]
     jobs = run_snakemake(workdir, forcerun=["finetune"], targets=[target])
-    assert dict(jobs) == {"finetune": 1, "evaluate": 1, "run_card": 1}
-    assert {name: (run / name).stat().st_mtime_ns for name in before} == before
+    assert dict(jobs) == {"finetune": seeds, "evaluate": seeds, "run_card": 1}
+    assert [{name: (run / name).stat().st_mtime_ns for name in names} for run in runs] == before
 
 
 FINETUNE_CHANGE = {"finetune": {"lr": 0.002}}
@@ -138,6 +141,34 @@ def test_a_method_section_value_reruns_exactly_that_methods_chain(
     assert plans and all(json.loads(p.read_text())["pruner"]["block_size"] == 8 for p in plans)
     logs = list(workdir.glob("results/logs/digits/*/icbs/*/*/prune.log"))
     assert logs and all("'block_size': 8," in p.read_text() for p in logs)
+
+
+def _dry_run_jobs(workdir: Path, *config: str) -> Counter:
+    """Jobs per rule of ``snakemake -n`` on the smoke grid in ``workdir``, from its job stats."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-n"]
+    cmd += ["--cores", "1", "--configfile", str(SMOKE), "--config", *config]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=120, check=True)
+    lines = proc.stdout.splitlines()
+    jobs: Counter = Counter()
+    for line in lines[lines.index("Job stats:") + 3 :]:  # after the title, header and dashes
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_batch_seeds_runs_one_job_per_model_method_and_ratio(tmp_path: Path, batch: bool) -> None:
+    """With batch_seeds, prune, finetune and evaluate run one job for all seeds of a (model,
+    method, ratio); without it one per run. Plans, cards and transcripts stay one per run."""
+    seeds = len(yaml.safe_load(SMOKE.read_text())["seeds"])
+    runs = smoke_grid()
+    jobs = _dry_run_jobs(tmp_path, f"batch_seeds={batch}")
+    for rule in ("prune", "finetune", "evaluate"):
+        assert jobs[rule] == (runs[rule] // seeds if batch else runs[rule]), rule
+    assert jobs["plan"] + jobs["plan_trials"] == runs["plan"]
+    assert jobs["run_card"] == runs["run_card"] and jobs["transcript"] == runs["transcript"]
 
 
 def test_bad_config_fails_before_any_job_with_one_line(tmp_path: Path) -> None:

@@ -5,6 +5,10 @@ Each heavy rule writes
 job's wall seconds, peak memory (``max_rss``, MB) and CPU seconds, measured by Snakemake around the
 whole job (interpreter start, imports and I/O included). That is what a cluster job must be sized
 for, so it complements the in-process step times of ``metrics.json``.
+
+A job that ran several seeds one after another (``batch_seeds``) writes its file under
+``s{seed}+{seed}+...`` instead: its row has ``seed`` empty and ``runs`` the number of seeds, so a
+run's share is ``seconds / runs``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ COLUMNS = [
     "method",
     "ratio",
     "seed",
+    "runs",
     "step",
     "seconds",
     "max_rss_mb",
@@ -36,13 +41,20 @@ def _ratio(spelling: str) -> float:
 
 
 def _identity(path: Path) -> dict[str, object]:
-    """Parse ``.../{dataset}/{model}/{method}/r{ratio}/s{seed}/{step}.tsv``."""
+    """Parse ``.../{dataset}/{model}/{method}/r{ratio}/s{seed}/{step}.tsv`` (``s{seed}+{seed}...``
+    for a job of several seeds)."""
     parts = path.parts[-6:]
-    if len(parts) < 6 or not parts[3].startswith("r") or not parts[4].startswith("s"):
+    seeds = parts[4][1:].split("+") if len(parts) == 6 else []
+    if (
+        len(parts) < 6
+        or not parts[3].startswith("r")
+        or not parts[4].startswith("s")
+        or not all(seed.isdigit() for seed in seeds)
+    ):
         raise ValueError(
             f"benchmark file {path} is not .../dataset/model/method/r<ratio>/s<seed>/<step>.tsv"
         )
-    dataset, model, method, ratio, seed, name = parts
+    dataset, model, method, ratio, _, name = parts
     step = Path(name).stem
     if step not in STEPS:
         raise ValueError(f"benchmark file {path}: step {step!r} is not one of {', '.join(STEPS)}")
@@ -51,7 +63,8 @@ def _identity(path: Path) -> dict[str, object]:
         "model": model,
         "method": method,
         "ratio": _ratio(ratio[1:]),
-        "seed": int(seed[1:]),
+        "seed": int(seeds[0]) if len(seeds) == 1 else None,
+        "runs": len(seeds),
         "step": step,
     }
 
@@ -79,6 +92,23 @@ def read_benchmark(path: str | Path) -> dict[str, object]:
         cpu_seconds=float(values["cpu_time"]),
     )
     return record
+
+
+def run_seconds(cell: str | Path, seed: int | str, step: str) -> float | None:
+    """One run's share of wall seconds in ``step``: its own job's, or the job's that ran it with
+    other seeds (``s0+1+2``) divided by their number. None when no benchmark file has it.
+
+    Args:
+        cell: ``results/benchmarks/{dataset}/{model}/{method}/r{ratio}``.
+        seed: The run's seed.
+        step: One of :data:`STEPS`.
+    """
+    for path in sorted(Path(cell).glob(f"s*/{step}.tsv")):
+        record = read_benchmark(path)
+        seeds = path.parent.name[1:].split("+")
+        if str(seed) in seeds:
+            return float(record["seconds"]) / max(1, int(record["runs"]))
+    return None
 
 
 def collect(paths: Iterable[str | Path]) -> pd.DataFrame:

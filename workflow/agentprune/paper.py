@@ -945,10 +945,12 @@ def plot_time_per_step(runs: pd.DataFrame, path: str | Path) -> Path:
 
 
 def plot_time_memory_per_step(bench: pd.DataFrame, path: str | Path) -> Path:
-    """Job wall seconds and peak memory per pipeline step and method, from the benchmark files.
+    """Job wall seconds per run and peak memory per pipeline step and method, from the benchmark
+    files.
 
-    One row of panels per model: wall seconds (left) and peak resident memory in MB (right); bars
-    are means over ratios and seeds, error bars one standard deviation.
+    One row of panels per model: wall seconds per run (left; a job of several seeds counts its
+    share, ``seconds / runs``) and peak resident memory in MB (right); bars are means over ratios
+    and jobs, error bars one standard deviation.
 
     Args:
         bench: ``benchmarks.csv`` of :mod:`agentprune.benchmarks`.
@@ -961,7 +963,9 @@ def plot_time_memory_per_step(bench: pd.DataFrame, path: str | Path) -> Path:
     needed = {"model", "method", "step", "seconds", "max_rss_mb"}
     if bench.empty or not needed <= set(bench.columns):
         return _placeholder(path, "no benchmark files (results/benchmarks/**.tsv)")
-    metrics = {"seconds": "wall seconds", "max_rss_mb": "peak memory (MB)"}
+    metrics = {"seconds": "wall seconds per run", "max_rss_mb": "peak memory (MB)"}
+    if "runs" in bench.columns:
+        bench = bench.assign(seconds=bench["seconds"] / bench["runs"].clip(lower=1))
     long = bench.melt(
         id_vars=["model", "method", "step"],
         value_vars=list(metrics),
