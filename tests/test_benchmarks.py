@@ -52,11 +52,33 @@ def test_repeated_benchmark_rows_are_averaged(tmp_path: Path) -> None:
     assert record["ratio"] == 0.5 and record["seed"] == 2
 
 
+def test_a_batched_job_counts_its_runs_and_each_run_gets_its_share(tmp_path: Path) -> None:
+    """A batch_seeds job's file sits under s0+1+2: no single seed, three runs; run_seconds gives
+    each of its seeds a third, and a per-run file its own seconds."""
+    path = write_tsv(tmp_path, "isomorphic", "0.5", 0, "prune", 6.0, 100)
+    batched = path.parents[1] / "s0+1+2" / "prune.tsv"
+    batched.parent.mkdir()
+    path.rename(batched)
+    record = benchmarks.read_benchmark(batched)
+    assert record["runs"] == 3 and record["seed"] is None and record["seconds"] == 6.0
+    cell = batched.parents[1]
+    assert [benchmarks.run_seconds(cell, seed, "prune") for seed in (0, 1, 2, 3)] == [
+        2.0,
+        2.0,
+        2.0,
+        None,
+    ]
+    own = write_tsv(tmp_path, "random", "0.5", 4, "prune", 5.0, 100)
+    assert benchmarks.read_benchmark(own)["runs"] == 1
+    assert benchmarks.run_seconds(own.parents[1], 4, "prune") == 5.0
+
+
 @pytest.mark.parametrize(
     ("relative", "message"),
     [
         ("digits/vit/isomorphic/0.3/s0/prune.tsv", "is not .../dataset"),
         ("digits/vit/isomorphic/r0.3/s0/download.tsv", "step 'download'"),
+        ("digits/vit/isomorphic/r0.3/s0+x/prune.tsv", "is not .../dataset"),
     ],
 )
 def test_bad_paths_are_named(tmp_path: Path, relative: str, message: str) -> None:
