@@ -535,6 +535,41 @@ def test_system_prompt_state_is_built_once_and_replies_do_not_depend_on_call_ord
     assert backend.complete(REAL_MESSAGES, RealSchedule, 1).text == first
 
 
+@needs_llama
+def test_a_stored_system_prompt_state_gives_the_same_reply_in_a_new_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan job stores each evaluated system prompt beside the response cache; a later job
+    loads it instead of evaluating the prompt, and replies byte for byte the same. An unreadable
+    file is recomputed, and the cache's read mode never writes one."""
+    settings = llm_settings(backend="llamacpp", cache="readwrite", cache_dir=str(tmp_path))
+    backend = LLM(settings, threads=2)._backend
+    llm_mod._PREFIXES.clear()
+    first = backend.complete(REAL_MESSAGES, RealSchedule, 1).text
+    (stored,) = (tmp_path / "prompt_states").glob("*.npz")
+    loaded = []
+    load = llm_mod.PromptStates.load
+    monkeypatch.setattr(
+        llm_mod.PromptStates, "load", lambda *a: loaded.append(load(*a)) or loaded[-1]
+    )
+    llm_mod._PREFIXES.clear()  # a new process: only the file is left
+    assert backend.complete(REAL_MESSAGES, RealSchedule, 1).text == first
+    assert len(loaded) == 1 and loaded[0] is not None
+    stored.write_bytes(b"not a state")
+    llm_mod._PREFIXES.clear()
+    assert backend.complete(REAL_MESSAGES, RealSchedule, 1).text == first
+    assert loaded[-1] is None and stored.stat().st_size > 1_000_000  # recomputed and stored
+    reader = llm_mod.PromptStates(tmp_path / "read_only", read_only=True)
+    llm_mod._PREFIXES.clear()
+    llm_mod.start_call(*_llama_and_path(backend), REAL_MESSAGES, states=reader)
+    assert not (tmp_path / "read_only").exists()
+
+
+def _llama_and_path(backend) -> tuple:
+    """The process's llama of a llamacpp backend and its GGUF path."""
+    return llm_mod._load_llama(backend.path, backend.threads)[0], backend.path
+
+
 # ---------------------------------------------------------------------------------------------
 # settings
 

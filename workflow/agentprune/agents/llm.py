@@ -302,6 +302,9 @@ def _load_llama(path: str, threads: int) -> tuple[Any, threading.Lock]:
 _PREFIXES: dict[tuple[str, tuple[int, ...]], Any] = {}
 """(GGUF path, prompt tokens of a system message) -> the llama state with them evaluated."""
 
+_STATE_FORMAT = 1
+"""Version of the on-disk prompt states (:class:`PromptStates`); a change invalidates them."""
+
 _FORMATTERS: dict[str, Any] = {}
 """A GGUF's chat template -> its llama-cpp-python formatter."""
 
@@ -326,15 +329,111 @@ def _chat_tokens(llama: Any, messages: list[dict]) -> list[int] | None:
     return llama.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
 
 
-def _prefix_state(llama: Any, path: str, messages: list[dict]) -> Any:
+def _compact_state(llama: Any, tokens: tuple[int, ...], kv: bytes, seed: int) -> Any:
+    """A ``LlamaState`` of ``tokens`` evaluated, without the logits table.
+
+    ``Llama.save_state`` also copies the context's logits table (n_batch x n_vocab floats, about
+    94 MB for SmolLM2), which generation never reads unless ``logits_all`` is on: the logits of
+    the next token come from evaluating the prompt's last token, which a prefix leaves out. One
+    zero row is enough for ``load_state``, which broadcasts it.
+    """
+    import numpy as np
+    from llama_cpp import LlamaState
+
+    ids = np.zeros(llama.input_ids.shape, dtype=llama.input_ids.dtype)
+    ids[: len(tokens)] = tokens
+    scores = np.zeros((1, llama.scores.shape[1]), dtype=np.single)
+    return LlamaState(ids, scores, len(tokens), kv, len(kv), seed)
+
+
+class PromptStates:
+    """Evaluated system prompts on disk, shared by the plan jobs of a study.
+
+    A plan job evaluates each agent's system prompt (about 470 tokens for the master, 290 for
+    profiling: some 6 s on one laptop core) before its first call. The result depends only on the
+    prompt tokens, the model file, the llama.cpp build and the CPU it ran on, so a job stores it
+    here and the next job with the same prompt loads it: the same key bytes, so the same replies.
+    The file name hashes all of these (and the thread count and batch size, which choose the
+    kernels), so a state made on another machine or build is never loaded; it is recomputed.
+
+    Files are numpy ``.npz`` (no pickle) written atomically; ``read_only`` loads but never writes
+    (the response cache's ``read`` mode).
+    """
+
+    def __init__(self, folder: str | Path, read_only: bool = False) -> None:
+        self.folder = Path(folder)
+        self.read_only = read_only
+
+    @staticmethod
+    def _machine() -> str:
+        """The CPU and llama.cpp build the numerics depend on."""
+        import llama_cpp
+
+        cpu = ""
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith(("model name", "flags")):
+                    cpu += line
+        info = llama_cpp.llama_print_system_info().decode(errors="replace")
+        return f"{llama_cpp.__version__}|{info}|{cpu}|{os.uname().machine}"
+
+    def file(self, llama: Any, path: str, tokens: tuple[int, ...]) -> Path:
+        """Where the state of ``tokens`` evaluated by ``llama`` (GGUF ``path``) lives."""
+        import numpy as np
+
+        stat = Path(path).stat()
+        key = hashlib.sha256()
+        head = [_STATE_FORMAT, self._machine(), Path(path).name, stat.st_size, stat.st_mtime_ns]
+        head += [llama.n_ctx(), llama.n_batch, llama.context_params.n_threads]
+        key.update(json.dumps(head).encode())
+        key.update(np.asarray(tokens, dtype=np.int64).tobytes())
+        return self.folder / f"{key.hexdigest()[:40]}.npz"
+
+    def load(self, llama: Any, path: str, tokens: tuple[int, ...]) -> Any | None:
+        """The stored state of ``tokens``, or None (absent, or not these tokens)."""
+        import numpy as np
+
+        file = self.file(llama, path, tokens)
+        if not file.is_file():
+            return None
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                stored = tuple(int(t) for t in data["tokens"])
+                kv, seed = data["kv"].tobytes(), int(data["seed"])
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("ignoring unreadable prompt state %s (%s)", file, err)
+            return None
+        if stored != tokens:  # a hash collision, or a file from elsewhere
+            return None
+        log.info("loaded the evaluated prompt (%d tokens) from %s", len(tokens), file)
+        return _compact_state(llama, tokens, kv, seed)
+
+    def store(self, llama: Any, path: str, tokens: tuple[int, ...], state: Any) -> None:
+        """Keep ``state`` (``tokens`` evaluated) for later jobs."""
+        import numpy as np
+
+        if self.read_only:
+            return
+        file = self.file(llama, path, tokens)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npz")
+        kv = np.frombuffer(state.llama_state, dtype=np.uint8)
+        np.savez(tmp, tokens=np.asarray(tokens, dtype=np.int64), kv=kv, seed=state.seed)
+        os.replace(tmp, file)
+
+
+def _prefix_state(
+    llama: Any, path: str, messages: list[dict], states: PromptStates | None = None
+) -> Any:
     """The state after evaluating the prompt tokens shared by every call with this system
     message (its template tokens, up to where the user's text starts), built once per process.
 
     A system prompt (the agent's role and the schema, about 470 tokens for the master) is the
     same in every call of an agent; evaluating it once and restoring that state before each call
     saves most of the prompt evaluation. The state depends on the system message alone, so a
-    reply still depends only on its messages, whichever calls came before. Returns None when the
-    first message is not a system message or the model has no chat template.
+    reply still depends only on its messages, whichever calls came before. With ``states``, a
+    state another process evaluated is loaded instead, and a new one is stored there. Returns
+    None when the first message is not a system message or the model has no chat template.
     """
     if not messages or messages[0].get("role") != "system" or len(messages) < 2:
         return None
@@ -353,20 +452,33 @@ def _prefix_state(llama: Any, path: str, messages: list[dict]) -> Any:
         return None
     key = (path, prefix)
     if key not in _PREFIXES:
-        llama.reset()
-        llama.eval(list(prefix))
-        _PREFIXES[key] = llama.save_state()
+        state = states.load(llama, path, prefix) if states else None
+        if state is None:
+            llama.reset()
+            llama.eval(list(prefix))
+            saved = llama.save_state()
+            state = _compact_state(llama, prefix, saved.llama_state, saved.seed)
+            if states:
+                states.store(llama, path, prefix, state)
+        _PREFIXES[key] = state
     return _PREFIXES[key]
 
 
-def start_call(llama: Any, path: str, messages: list[dict], prefix: bool = True) -> None:
+def start_call(
+    llama: Any,
+    path: str,
+    messages: list[dict],
+    prefix: bool = True,
+    states: PromptStates | None = None,
+) -> None:
     """Put the model in the state a call with ``messages`` starts from: the evaluated system
-    prompt (:func:`_prefix_state`; ``prefix=False`` or no system message: nothing).
+    prompt (:func:`_prefix_state`, from ``states`` when stored there; ``prefix=False`` or no
+    system message: nothing).
 
     Reusing whatever the previous call left instead would change the evaluation batches, and
     with them the logits' rounding, so replies would depend on the call history.
     """
-    state = _prefix_state(llama, path, messages) if prefix else None
+    state = _prefix_state(llama, path, messages, states) if prefix else None
     if state is None:
         llama.reset()
     else:
@@ -400,12 +512,18 @@ class _LlamaCppBackend:
         self.threads = max(1, int(threads))
         self.mode = "json_object"
         self.scrub = _Scrubber()
+        # Evaluated system prompts live beside the response cache, under the same mode.
+        self.states = (
+            PromptStates(Path(settings.cache_dir) / "prompt_states", settings.cache == "read")
+            if settings.cache_dir and settings.cache != "off"
+            else None
+        )
 
     def complete(self, messages: list[dict], schema: type[BaseModel], seed: int) -> _Reply:
         s = self.settings
         llama, lock = _load_llama(self.path, self.threads)
         with lock:
-            start_call(llama, self.path, messages)
+            start_call(llama, self.path, messages, states=self.states)
             out = llama.create_chat_completion(
                 messages=messages,
                 response_format={"type": "json_object", "schema": schema.model_json_schema()},
