@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -365,8 +366,9 @@ class PromptStates:
         self.read_only = read_only
 
     @staticmethod
+    @functools.cache
     def _machine() -> str:
-        """The CPU and llama.cpp build the numerics depend on."""
+        """The CPU and llama.cpp build the numerics depend on (read once per process)."""
         import llama_cpp
 
         cpu = ""
