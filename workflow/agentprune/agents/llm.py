@@ -350,7 +350,7 @@ def _compact_state(llama: Any, tokens: tuple[int, ...], kv: bytes, seed: int) ->
 class PromptStates:
     """Evaluated system prompts on disk, shared by the plan jobs of a study.
 
-    A plan job evaluates each agent's system prompt (about 470 tokens for the master, 290 for
+    A plan job evaluates each agent's system prompt (about 480 tokens for the master, 150 for
     profiling: some 6 s on one laptop core) before its first call. The result depends only on the
     prompt tokens, the model file, the llama.cpp build and the CPU it ran on, so a job stores it
     here and the next job with the same prompt loads it: the same key bytes, so the same replies.
