@@ -351,7 +351,7 @@ class PromptStates:
     """Evaluated system prompts on disk, shared by the plan jobs of a study.
 
     A plan job evaluates each agent's system prompt (about 480 tokens for the master, 150 for
-    profiling: some 6 s on one laptop core) before its first call. The result depends only on the
+    profiling: some 5 s on one laptop core) before its first call. The result depends only on the
     prompt tokens, the model file, the llama.cpp build and the CPU it ran on, so a job stores it
     here and the next job with the same prompt loads it: the same key bytes, so the same replies.
     The file name hashes all of these (and the thread count and batch size, which choose the
