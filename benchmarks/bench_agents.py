@@ -28,7 +28,6 @@ come from the study. Totals close the output. It prints figures and asserts noth
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import tempfile
@@ -39,14 +38,6 @@ from typing import Any
 from agentprune import benchmarks
 
 AGENTS = ("profiling", "master")
-
-
-def job_seconds(tsv: Path) -> float | None:
-    """Wall seconds of one job from its Snakemake benchmark file (None when missing)."""
-    if not tsv.is_file():
-        return None
-    with tsv.open() as fh:
-        return float(next(csv.DictReader(fh, delimiter="\t"))["s"])
 
 
 def runs(results: Path, method: str) -> dict[tuple[str, str, str, str], Path]:
@@ -181,9 +172,10 @@ def report(args: argparse.Namespace, prompt: str | None) -> None:
                 metrics = read(agent[key] / "metrics.json")
                 seconds = metrics["planning"]["seconds"]
                 tail = Path(dataset, model)
-                plan_job = job_seconds(bench / tail / "multi_agent" / f"r{ratio}/s{seed}/plan.tsv")
+                agent_cell = bench / tail / f"multi_agent/r{ratio}"
+                plan_job = benchmarks.run_seconds(agent_cell, seed, "plan")
                 # The run's share of the isomorphic prune job (a batch_seeds job ran all seeds).
-                iso_cell = bench / tail / "isomorphic" / f"r{ratio}"
+                iso_cell = bench / tail / f"isomorphic/r{ratio}"
                 prune_job = benchmarks.run_seconds(iso_cell, seed, "prune")
                 job_ratio = plan_job / prune_job if plan_job and prune_job else None
                 ratio_text = f"{job_ratio:.2f}x" if job_ratio else "-"

@@ -208,9 +208,8 @@ def run_benchmarks():
 
     plans = runs("plan.tsv", root=BENCH_RUN)
     jobs = [path for step in STEPS[1:] for path in runs(f"{step}.tsv", root=BENCH_JOB)]
-    return plans + list(
-        dict.fromkeys(jobs)
-    )  # a batched job's file once, not once per seed
+    # A batched job's file once, not once per seed.
+    return plans + list(dict.fromkeys(jobs))
 
 
 def report_pages():

@@ -40,17 +40,19 @@ def _ratio(spelling: str) -> float:
     return int(n) / int(m) if sep else float(spelling)
 
 
+def _job_seeds(folder: str) -> list[str]:
+    """The seeds a benchmark folder names: ``s3`` -> ``["3"]``, ``s0+1+2`` -> ``["0", "1", "2"]``
+    (``[]`` for a name without the ``s``)."""
+    return folder[1:].split("+") if folder.startswith("s") else []
+
+
 def _identity(path: Path) -> dict[str, object]:
     """Parse ``.../{dataset}/{model}/{method}/r{ratio}/s{seed}/{step}.tsv`` (``s{seed}+{seed}...``
     for a job of several seeds)."""
     parts = path.parts[-6:]
-    seeds = parts[4][1:].split("+") if len(parts) == 6 else []
-    if (
-        len(parts) < 6
-        or not parts[3].startswith("r")
-        or not parts[4].startswith("s")
-        or not all(seed.isdigit() for seed in seeds)
-    ):
+    seeds = _job_seeds(parts[4]) if len(parts) == 6 else []
+    seeds_ok = bool(seeds) and all(seed.isdigit() for seed in seeds)
+    if len(parts) < 6 or not parts[3].startswith("r") or not seeds_ok:
         raise ValueError(
             f"benchmark file {path} is not .../dataset/model/method/r<ratio>/s<seed>/<step>.tsv"
         )
@@ -104,10 +106,9 @@ def run_seconds(cell: str | Path, seed: int | str, step: str) -> float | None:
         step: One of :data:`STEPS`.
     """
     for path in sorted(Path(cell).glob(f"s*/{step}.tsv")):
-        record = read_benchmark(path)
-        seeds = path.parent.name[1:].split("+")
-        if str(seed) in seeds:
-            return float(record["seconds"]) / max(1, int(record["runs"]))
+        if str(seed) in _job_seeds(path.parent.name):
+            record = read_benchmark(path)
+            return float(record["seconds"]) / int(record["runs"])
     return None
 
 
