@@ -16,7 +16,8 @@ Besides the cold and no-op wall seconds it prints:
 * CPU seconds per step (mean and total over the jobs), from the runs' ``benchmark:`` files, which
   Snakemake measures around the whole job (interpreter start and imports included);
 * the start-up seconds a job pays before its step does any work: a fresh interpreter importing
-  what each step's script imports, median of 3, measured here and now;
+  what each step's script imports (``worker: off``), and a client handing its script to the
+  warm worker (``worker: auto``, ``worker_handoff``), medians of 3, measured here and now;
 * the number of significant paired comparisons (Holm, ``results/stats/comparisons.csv``) per
   model and family, after fine-tuning (``top1``) and before it (``top1_pruned``).
 
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from agentprune import benchmarks, resolve
+from agentprune import benchmarks, resolve, worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +98,28 @@ def touched_noop(configfiles: list[str], cores: int, repeats: int = 5) -> dict[s
     }
 
 
+def handoff_seconds(repeats: int = 3) -> dict[str, float]:
+    """What a job pays under ``worker: auto`` before its step runs: a fresh client interpreter
+    handing an empty script to the warm worker (median of ``repeats``, after one call that may
+    start the worker, whose seconds are reported too)."""
+    client = (
+        "import sys; from agentprune import worker; "
+        "sys.exit(worker.run_in_worker(sys.argv[1], argv=[sys.argv[1]]))"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.py"
+        empty.write_text("")
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", client, str(empty)], check=True)
+            times.append(time.perf_counter() - start)
+    return {
+        "first_call_seconds": round(times[0], 2),
+        "handoff_seconds": round(statistics.median(times[1:]), 2),
+    }
+
+
 def startup_seconds(statement: str, repeats: int = 3) -> float:
     """Median wall seconds of a fresh interpreter that runs ``statement`` and exits."""
     times = []
@@ -109,11 +132,22 @@ def startup_seconds(statement: str, repeats: int = 3) -> float:
 
 def step_cpu(results: Path) -> dict[str, dict[str, float]]:
     """Per step: jobs, runs, mean CPU and wall seconds per job, CPU per run and the total, from
-    the benchmark files (a ``batch_seeds`` job serves several runs)."""
+    the benchmark files (a ``batch_seeds`` job serves several runs) plus, for a job the warm
+    worker ran, its child's CPU seconds from the job's log."""
     files = sorted((results / "benchmarks").glob("*/*/*/r*/s*/*.tsv"))
     if not files:
         return {}
-    frame = benchmarks.collect(files)
+    records = []
+    for tsv in files:
+        record = benchmarks.read_benchmark(tsv)
+        # A job handed to the warm worker: its benchmark file measured the waiting client; the
+        # child's CPU seconds are in the job's log (the same path under logs/).
+        log = results / "logs" / tsv.relative_to(results / "benchmarks").with_suffix(".log")
+        usage = worker.logged_usage(log)
+        if usage:
+            record["cpu_seconds"] += usage["user"] + usage["system"]
+        records.append(record)
+    frame = pd.DataFrame(records)
     out = {}
     for step, group in frame.groupby("step", sort=False):
         runs = int(group["runs"].sum())
@@ -153,6 +187,7 @@ def figures(workdir: Path, results: str) -> dict[str, object]:
         "startup_seconds_per_job": {
             step: round(startup_seconds(imports), 2) for step, imports in STEP_IMPORTS.items()
         },
+        "worker_handoff": handoff_seconds(),
         "significant_comparisons": significant(root),
     }
 

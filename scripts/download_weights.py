@@ -1,6 +1,8 @@
 """Snakemake script: fetch a model's pretrained weights into the cache and verify them."""
 
-from agentprune import families, steps
+from agentprune import families, steps, worker
+
+worker.hand_off(snakemake)  # run in the warm worker, where one serves
 
 with steps.logged(snakemake.log[0]):
     entry = families.build_step(

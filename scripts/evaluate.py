@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
-from agentprune import families, steps
+from agentprune import families, steps, worker
+
+worker.hand_off(snakemake)  # run in the warm worker, where one serves
 
 step = families.build_step("evaluate", snakemake.params.step, "evaluate")
 inputs, outputs = snakemake.input, snakemake.output

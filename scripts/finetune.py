@@ -6,7 +6,9 @@ itself under torchrun with one process per GPU.
 
 from pathlib import Path
 
-from agentprune import distributed, families, steps
+from agentprune import distributed, families, steps, worker
+
+worker.hand_off(snakemake)  # run in the warm worker, where one serves
 
 step = families.build_step("finetune", snakemake.params.step, "finetune")
 processes = distributed.requested_processes(snakemake.resources.get("gpu", 0))

@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
-from agentprune import families, steps
+from agentprune import families, steps, worker
+
+worker.hand_off(snakemake)  # run in the warm worker, where one serves
 
 # No threads to logged(): it would import torch, which the fixed recipes never need.
 with steps.logged(snakemake.log[0]):

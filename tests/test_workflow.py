@@ -315,3 +315,29 @@ def test_cache_reuses_base_model_and_profile_in_another_workdir(tmp_path: Path) 
     base = "results/digits/vit/base"
     for rel in (f"{base}/model.safetensors", f"{base}/model.json", f"{base}/metrics.json", target):
         assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+
+
+PER_RUN_STEPS = ("plan", "prune", "finetune", "evaluate", "run_card", "transcript", "profile")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker forks on Linux")
+def test_every_per_run_step_of_the_smoke_run_ran_in_the_warm_worker(workdir: Path) -> None:
+    from agentprune import worker
+
+    logs = [p for p in (workdir / "results" / "logs").rglob("*.log") if p.stem in PER_RUN_STEPS]
+    assert len(logs) > 20
+    assert [str(log) for log in logs if worker.logged_usage(log) is None] == []
+
+
+def test_worker_off_prunes_to_the_same_bytes(workdir: Path, tmp_path: Path) -> None:
+    cell = Path("results/digits/vit/isomorphic/r0.3")
+    copy_upstream(workdir, tmp_path)
+    run_snakemake(
+        tmp_path, overrides={"worker": "off"}, targets=[str(cell / "s0/pruned.safetensors")]
+    )
+    pruned = sorted((tmp_path / cell).glob("s*/pruned.safetensors"))
+    assert len(pruned) == len(yaml.safe_load(SMOKE.read_text())["seeds"])
+    for path in pruned:
+        assert path.read_bytes() == (workdir / path.relative_to(tmp_path)).read_bytes()
+    log = next((tmp_path / "results" / "logs" / "digits" / "vit" / "isomorphic").rglob("prune.log"))
+    assert "worker:" not in log.read_text()  # it really ran in its own interpreter
