@@ -396,10 +396,17 @@ def test_cache_replays_without_requests(server, tmp_path):
         "fallbacks": 0,
         "cached": 2,
     }
-    # another seed is another request
+    # at temperature 0 (greedy: the seed is never read) another seed replays the same reply ...
+    assert second.settings.temperature == 0.0
+    assert second.decide("finetuning", MESSAGES, Schedule, fallback, seed=4) == d2
+    assert len(server.requests) == 2
+    # ... and when sampling, another seed is another request
     server.default = Step(VALID)
-    second.decide("finetuning", MESSAGES, Schedule, fallback, seed=4)
-    assert len(server.requests) == 3
+    sampling = make_llm(server.url, cache_dir=str(cache), temperature=0.7)
+    sampling.decide("finetuning", MESSAGES, Schedule, fallback, seed=3)
+    sampling.decide("finetuning", MESSAGES, Schedule, fallback, seed=4)
+    sampling.decide("finetuning", MESSAGES, Schedule, fallback, seed=4)
+    assert len(server.requests) == 4
 
 
 def test_cache_read_mode_does_not_write(server, tmp_path):

@@ -43,7 +43,9 @@ the fallback reasons, the cache and the log.
 
 Cache: with ``cache_dir`` set, every completed reply (valid or not) is stored as one JSON file per
 request, keyed by the sha256 of (backend, model, messages, schema, temperature, seed, max_tokens,
-response_format mode). The mode in the key is the *configured* one (``auto`` stays ``auto``), so
+response_format mode). At temperature 0 the seed is left out: greedy decoding never reads it, so
+the runs of a study that send the same messages (a plan's first master call, from the same
+profile, in every seed) share one reply instead of computing it once per seed. The mode in the key is the *configured* one (``auto`` stays ``auto``), so
 replays do not depend on what auto detection found. Transient failures are never cached.
 """
 
@@ -775,7 +777,7 @@ class LLM:
             mode = s.response_format if self.backend == "openai" else "json_object"
             key = _ResponseCache.key(
                 [self.backend, self.model, msgs, schema.model_json_schema()]
-                + [s.temperature, seed, s.max_tokens, mode]
+                + [s.temperature, seed if s.temperature > 0 else None, s.max_tokens, mode]
             )
             hit = self._cache.get(key)
             if hit is not None:
