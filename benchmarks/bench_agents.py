@@ -12,7 +12,7 @@ Per multi_agent run of the study (dataset, model, ratio, seed) it prints:
 
 * the planning cost: real LLM calls, prompt and completion tokens, planning seconds, and the
   plan job's wall seconds over the isomorphic prune job's (from Snakemake's ``benchmark:``
-  files; the study's own plans only; a ``batch_seeds`` prune job counts its per-run share);
+  files; the study's own plans only; a ``batch_seeds`` job counts its per-run share);
 * the influence figures: per agent the LLM decisions that differ from the default policy's in
   the same state out of all decisions, and the default policy's answers by reason; the trials
   that ran an LLM-originated strategy; whether the selected trial is one of them;

@@ -19,12 +19,8 @@ MODELS = [entry["name"] for entry in config["models"]]
 BASE = f"{RESULTS}/{{dataset}}/{{model}}/base"
 RUN = f"{RESULTS}/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/s{{seed}}"
 LOGS = f"{RESULTS}/logs"
-RUN_LOGS = f"{LOGS}/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/s{{seed}}"
-BENCH_RUN = (
-    f"{RESULTS}/benchmarks/{{dataset}}/{{model}}/{{method}}/r{{ratio}}/s{{seed}}"
-)
-# With batch_seeds, one prune/finetune/evaluate job serves every seed of a (model, method, ratio):
-# its log and benchmark file sit under JOB_DIR, named for the seeds it ran.
+# With batch_seeds, one job of each per-run step serves every seed of a (model, method, ratio),
+# and its log and benchmark file sit under JOB_DIR, named for the seeds it ran.
 SEEDS = config["seeds"]
 BATCH_SEEDS = config["batch_seeds"]
 JOB_DIR = "s" + "+".join(str(seed) for seed in SEEDS) if BATCH_SEEDS else "s{seed}"
@@ -62,8 +58,9 @@ wildcard_constraints:
 
 
 def job_runs(filename):
-    """``filename`` of every run a prune/finetune/evaluate job serves: all seeds of its (model,
-    method, ratio) with batch_seeds, else its own run. Always a list, in the order of job_seeds.
+    """``filename`` of every run that a job of a per-run step serves (plan, prune, finetune,
+    evaluate, run card, transcript), that is all seeds of its (model, method, ratio) with batch_seeds, else its own run.
+    Always a list, in the order of job_seeds.
     """
     if BATCH_SEEDS:
         return expand(f"{CELL}/s{{seed}}/{filename}", seed=SEEDS, allow_missing=True)
@@ -71,8 +68,25 @@ def job_runs(filename):
 
 
 def job_seeds(wildcards):
-    """The seeds a prune/finetune/evaluate job runs, in the order of its job_runs files."""
+    """The seeds a job of a per-run step runs, in the order of its job_runs files."""
     return list(SEEDS) if BATCH_SEEDS else [int(wildcards.seed)]
+
+
+def job_pages(filename, caption, category):
+    """job_runs(filename), each registered in the report under its own run's labels."""
+    if BATCH_SEEDS:
+        pages = [(f"{CELL}/s{seed}/{filename}", str(seed)) for seed in SEEDS]
+    else:
+        pages = [(f"{RUN}/{filename}", "{seed}")]
+    return [run_page(path, caption, category, seed) for path, seed in pages]
+
+
+def run_page(path, caption, category, seed):
+    """One run's page in the report, under its model, method, ratio and seed."""
+    labels = {"model": "{model}", "method": "{method}", "ratio": "{ratio}", "seed": seed}
+    return report(
+        path, caption=caption, category=category, subcategory="{model}", labels=labels
+    )
 
 
 # --- params: each rule's typed settings, in plain form ----------------------------------------
@@ -198,18 +212,23 @@ def all_metrics():
 
 
 def run_benchmarks():
-    """The benchmark file of every per-run job in the grid: one plan per run, and one prune,
-    finetune and evaluate per job (per run, or per (model, method, ratio) with batch_seeds).
+    """The benchmark file of every plan, prune, finetune and evaluate job in the grid (one per
+    run, or per (model, method, ratio) with batch_seeds).
 
     Base-model jobs are left out on purpose: with `--cache` they may be fetched instead of run, and
     then have no benchmark file.
     """
     from agentprune.benchmarks import STEPS
 
-    plans = runs("plan.tsv", root=BENCH_RUN)
-    jobs = [path for step in STEPS[1:] for path in runs(f"{step}.tsv", root=BENCH_JOB)]
+    jobs = [path for step in STEPS for path in runs(f"{step}.tsv", root=BENCH_JOB)]
     # A batched job's file once, not once per seed.
-    return plans + list(dict.fromkeys(jobs))
+    return list(dict.fromkeys(jobs))
+
+
+def run_benchmark_logs():
+    """The log of each run_benchmarks() job, in the same order."""
+    prefix = f"{RESULTS}/benchmarks/"
+    return [f"{LOGS}/{path[len(prefix):-len('.tsv')]}.log" for path in run_benchmarks()]
 
 
 def report_pages():

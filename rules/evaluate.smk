@@ -29,23 +29,12 @@ rule evaluate:
 
 rule run_card:
     input:
-        metrics=f"{RUN}/metrics.json",
-        plan=f"{RUN}/plan.json",
+        metrics=job_runs("metrics.json"),
+        plan=job_runs("plan.json"),
     output:
-        report(
-            f"{RUN}/run.html",
-            caption="../workflow/report/run_card.rst",
-            category="Runs",
-            subcategory="{model}",
-            labels={
-                "model": "{model}",
-                "method": "{method}",
-                "ratio": "{ratio}",
-                "seed": "{seed}",
-            },
-        ),
+        job_pages("run.html", "../workflow/report/run_card.rst", "Runs"),
     log:
-        f"{RUN_LOGS}/run_card.log",
+        f"{JOB_LOGS}/run_card.log",
     conda:
         "../envs/report.yaml"
     script:

@@ -14,17 +14,18 @@ rule plan:
         weights=f"{BASE}/model.safetensors",
         structure=f"{BASE}/model.json",
     output:
-        f"{RUN}/plan.json",
+        job_runs("plan.json"),
     log:
-        f"{RUN_LOGS}/plan.log",
+        f"{JOB_LOGS}/plan.log",
     benchmark:
-        f"{BENCH_RUN}/plan.tsv"
+        f"{BENCH_JOB}/plan.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
     params:
-        # The method's own settings (only the config it reads) and the run's identity.
+        # The method's own settings (only the config it reads) and the seeds of its runs.
         step=plan_params,
+        seeds=job_seeds,
     script:
         "../scripts/plan.py"
 
@@ -40,8 +41,8 @@ use rule plan as plan_trials with:
 ruleorder: plan_trials > plan
 
 
-# prune, finetune and evaluate serve the runs of job_runs: every seed of a (model, method, ratio)
-# with batch_seeds, one after another in one process, else one run.
+# Every per-run rule (plan, prune, transcript here) serves the runs of job_runs: every seed of a
+# (model, method, ratio) with batch_seeds, one after another in one process, else one run.
 rule prune:
     input:
         plan=job_runs("plan.json"),
@@ -67,22 +68,11 @@ rule prune:
 
 rule transcript:
     input:
-        plan=f"{RUN}/plan.json",
+        plan=job_runs("plan.json"),
     output:
-        report(
-            f"{RUN}/transcript.html",
-            caption="../workflow/report/transcript.rst",
-            category="Agents",
-            subcategory="{model}",
-            labels={
-                "model": "{model}",
-                "method": "{method}",
-                "ratio": "{ratio}",
-                "seed": "{seed}",
-            },
-        ),
+        job_pages("transcript.html", "../workflow/report/transcript.rst", "Agents"),
     log:
-        f"{RUN_LOGS}/transcript.log",
+        f"{JOB_LOGS}/transcript.log",
     conda:
         "../envs/report.yaml"
     script:

@@ -1,4 +1,4 @@
-"""Snakemake script: the method's planner writes plan.json."""
+"""Snakemake script: the method's planner writes each run's plan.json (every run of the job)."""
 
 from pathlib import Path
 
@@ -6,13 +6,16 @@ from agentprune import families, steps, worker
 
 worker.hand_off(snakemake)  # run in the warm worker, where one serves
 
+step = families.build_step("plan", snakemake.params.step, "plan")
 # No threads to logged(): it would import torch, which the fixed recipes never need.
 with steps.logged(snakemake.log[0]):
-    steps.plan(
-        families.build_step("plan", snakemake.params.step, "plan"),
-        int(snakemake.wildcards.seed),
-        snakemake.input.profile,
-        snakemake.output[0],
-        base_stem=Path(snakemake.input.weights).with_suffix(""),
-        threads=snakemake.threads,
-    )
+    for seed, plan in zip(snakemake.params.seeds, snakemake.output, strict=True):
+        print(f"--- seed {seed}", flush=True)
+        steps.plan(
+            step,
+            int(seed),
+            snakemake.input.profile,
+            plan,
+            base_stem=Path(snakemake.input.weights).with_suffix(""),
+            threads=snakemake.threads,
+        )

@@ -1,8 +1,9 @@
 """The smoke workflow run that several test modules share, and the helpers that drive it.
 
 The run goes through the Snakemake Python API on ``config/smoke.yaml``; counts per rule are
-derived from the files each run reports as updated: jobs, except for prune, finetune and evaluate,
-whose batched jobs (``batch_seeds``) write one such file per run, so they count runs.
+derived from the files each run reports as updated: jobs, except for the per-run steps (plan,
+prune, finetune, evaluate, run card, transcript), whose batched jobs (``batch_seeds``) write one
+such file per run, so they count runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "config" / "smoke.yaml"
 
-# The output file that identifies each rule's job (one per job; one per run for the batched rules).
+# The output file that identifies each rule's job (one per job; one per run for the per-run steps).
 RULE_OF_OUTPUT = {
     "dataset.json": "download_data",
     "model.safetensors": "download_model",
