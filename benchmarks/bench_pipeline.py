@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from agentprune import benchmarks, resolve, worker
+from agentprune import benchmarks, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,17 +137,11 @@ def step_cpu(results: Path) -> dict[str, dict[str, float]]:
     files = sorted((results / "benchmarks").glob("*/*/*/r*/s*/*.tsv"))
     if not files:
         return {}
-    records = []
-    for tsv in files:
-        record = benchmarks.read_benchmark(tsv)
-        # A job handed to the warm worker: its benchmark file measured the waiting client; the
-        # child's CPU seconds are in the job's log (the same path under logs/).
-        log = results / "logs" / tsv.relative_to(results / "benchmarks").with_suffix(".log")
-        usage = worker.logged_usage(log)
-        if usage:
-            record["cpu_seconds"] += usage["user"] + usage["system"]
-        records.append(record)
-    frame = pd.DataFrame(records)
+    # A job the warm worker ran has its child's CPU seconds in its log (same path under logs/).
+    logs = [
+        results / "logs" / f.relative_to(results / "benchmarks").with_suffix(".log") for f in files
+    ]
+    frame = benchmarks.collect(files, logs)
     out = {}
     for step, group in frame.groupby("step", sort=False):
         runs = int(group["runs"].sum())

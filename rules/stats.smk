@@ -5,6 +5,8 @@ rule stats:
     input:
         metrics=all_metrics(),
         benchmarks=run_benchmarks(),
+        # Their jobs' logs: a job the warm worker ran has its child's CPU and memory there.
+        job_logs=run_benchmark_logs(),
     output:
         runs=f"{STATS}/runs.csv",
         summary=f"{STATS}/summary.csv",

@@ -9,4 +9,6 @@ write_stats(
     dict(snakemake.output.items()),
     build(StatsSettings, snakemake.params.settings, "stats"),
 )
-write_benchmarks(snakemake.input.benchmarks, snakemake.output.benchmarks)
+write_benchmarks(
+    snakemake.input.benchmarks, snakemake.output.benchmarks, logs=snakemake.input.job_logs
+)

@@ -73,6 +73,25 @@ def test_a_batched_job_counts_its_runs_and_each_run_gets_its_share(tmp_path: Pat
     assert benchmarks.run_seconds(own.parents[1], 4, "prune") == 5.0
 
 
+def test_a_job_the_worker_ran_takes_cpu_and_memory_from_its_log(tmp_path: Path) -> None:
+    """The benchmark file measured the waiting client (3.6 CPU s, 60 MB here); the job's log ends
+    with the forked child's figures, which the record adds (CPU) and takes (peak memory)."""
+    tsv = write_tsv(tmp_path, "isomorphic", "0.3", 0, "prune", 4.0, 60)
+    log = tmp_path / "prune.log"
+    log.write_text(
+        "pruning...\rdone\nworker: job ran in forked process 42: 4.0 s wall, 2.5 s user, "
+        "0.5 s system, max RSS 1000 MiB, exit status 0\n"
+    )
+    plain_log = tmp_path / "plain.log"
+    plain_log.write_text("pruning... done\n")
+    frame = benchmarks.collect([tsv, tsv, tsv], [log, plain_log, tmp_path / "absent.log"])
+    assert list(frame.cpu_seconds) == pytest.approx([3.6 + 3.0, 3.6, 3.6])
+    assert list(frame.max_rss_mb) == pytest.approx([1048.576, 60.0, 60.0])
+    assert list(frame.seconds) == [4.0, 4.0, 4.0]
+    with pytest.raises(ValueError, match="3 benchmark files but 1 job logs"):
+        benchmarks.collect([tsv, tsv, tsv], [log])
+
+
 @pytest.mark.parametrize(
     ("relative", "message"),
     [

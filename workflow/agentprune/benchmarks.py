@@ -9,6 +9,10 @@ for, so it complements the in-process step times of ``metrics.json``.
 A job that ran several seeds one after another (``batch_seeds``) writes its file under
 ``s{seed}+{seed}+...`` instead: its row has ``seed`` empty and ``runs`` the number of seeds, so a
 run's share is ``seconds / runs``.
+
+A job handed to the warm worker (:mod:`agentprune.worker`) ran in a forked child that Snakemake
+does not see: its file measured the waiting client. Given the job's log, whose last line then
+holds the child's figures, a record adds the child's CPU seconds and takes its peak memory.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+
+from agentprune import worker
 
 # Per-run steps, in pipeline order.
 STEPS = ("plan", "prune", "finetune", "evaluate")
@@ -71,11 +77,13 @@ def _identity(path: Path) -> dict[str, object]:
     }
 
 
-def read_benchmark(path: str | Path) -> dict[str, object]:
+def read_benchmark(path: str | Path, log: str | Path | None = None) -> dict[str, object]:
     """One benchmark file as a record of :data:`COLUMNS`.
 
     Args:
         path: A Snakemake benchmark TSV (columns ``s``, ``max_rss``, ``cpu_time``, ...).
+        log: The job's log: where the warm worker ran the job, its child's CPU seconds and peak
+            memory are read from it (see the module docstring).
 
     Raises:
         ValueError: The path does not follow the layout, or the file lacks a column.
@@ -93,6 +101,10 @@ def read_benchmark(path: str | Path) -> dict[str, object]:
         max_rss_mb=float(values["max_rss"]),
         cpu_seconds=float(values["cpu_time"]),
     )
+    child = worker.logged_usage(log) if log else None
+    if child:
+        record["cpu_seconds"] += child["user"] + child["system"]
+        record["max_rss_mb"] = max(record["max_rss_mb"], child["rss"] * 1.048576)  # MiB -> MB
     return record
 
 
@@ -112,9 +124,19 @@ def run_seconds(cell: str | Path, seed: int | str, step: str) -> float | None:
     return None
 
 
-def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """All benchmark files as one frame (columns :data:`COLUMNS`), in pipeline step order."""
-    frame = pd.DataFrame([read_benchmark(p) for p in paths], columns=COLUMNS)
+def collect(paths: Iterable[str | Path], logs: Iterable[str | Path] | None = None) -> pd.DataFrame:
+    """All benchmark files as one frame (columns :data:`COLUMNS`), in pipeline step order.
+
+    Args:
+        paths: The benchmark files.
+        logs: Each file's job log, in the same order (see :func:`read_benchmark`).
+    """
+    paths = list(paths)
+    logs = list(logs) if logs is not None else [None] * len(paths)
+    if len(logs) != len(paths):
+        raise ValueError(f"{len(paths)} benchmark files but {len(logs)} job logs")
+    records = [read_benchmark(p, log) for p, log in zip(paths, logs, strict=True)]
+    frame = pd.DataFrame(records, columns=COLUMNS)
     order = {step: i for i, step in enumerate(STEPS)}
     frame = frame.sort_values(
         ["dataset", "model", "method", "ratio", "seed", "step"],
@@ -123,9 +145,11 @@ def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def write_benchmarks(paths: Iterable[str | Path], out_csv: str | Path) -> Path:
-    """Write :func:`collect` of ``paths`` to ``out_csv``."""
+def write_benchmarks(
+    paths: Iterable[str | Path], out_csv: str | Path, logs: Iterable[str | Path] | None = None
+) -> Path:
+    """Write :func:`collect` of ``paths`` (and their job ``logs``) to ``out_csv``."""
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
-    collect(paths).to_csv(out, index=False)
+    collect(paths, logs).to_csv(out, index=False)
     return out

@@ -44,9 +44,10 @@ the fallback reasons, the cache and the log.
 Cache: with ``cache_dir`` set, every completed reply (valid or not) is stored as one JSON file per
 request, keyed by the sha256 of (backend, model, messages, schema, temperature, seed, max_tokens,
 response_format mode). At temperature 0 the seed is left out: greedy decoding never reads it, so
-the runs of a study that send the same messages (a plan's first master call, from the same
-profile, in every seed) share one reply instead of computing it once per seed. The mode in the key is the *configured* one (``auto`` stays ``auto``), so
-replays do not depend on what auto detection found. Transient failures are never cached.
+the runs of a study that send the same messages (a plan's first master call, from the same profile,
+in every seed) share one reply instead of computing it once per seed. The mode in the key is the
+*configured* one (``auto`` stays ``auto``), so replays do not depend on what auto detection found.
+Transient failures are never cached.
 """
 
 from __future__ import annotations
