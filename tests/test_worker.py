@@ -144,3 +144,19 @@ def test_killing_the_client_kills_its_job(folder, tmp_path, signum):
     while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
         time.sleep(0.1)
     assert not Path(f"/proc/{child}").exists(), "the job's process outlived its client"
+
+
+def test_a_socket_folder_others_can_enter_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(worker.WorkerUnavailable, match="is not a folder private to this user"):
+        worker.connect("somekey", shared)
+
+
+def test_hand_off_outside_a_snakemake_script_returns_at_once():
+    class Job:  # what a test or a plain `python scripts/x.py` has instead of Snakemake's object
+        config = {"worker": "auto"}
+        log = []
+
+    assert worker.hand_off(Job()) is None  # no __real_file__ in __main__: nothing to hand off

@@ -62,7 +62,7 @@ PRELOAD = (
     "snakemake.logging",
     "snakemake.iocontainers",
 )
-"""What the worker imports once: the expensive imports every step shares."""
+"""What the worker imports once: the expensive imports every step shares (those installed)."""
 
 THREAD_VARS = frozenset(
     {
@@ -551,7 +551,10 @@ def main(argv: list[str]) -> None:
     sys.path[:] = search
     started = time.perf_counter()
     for module in PRELOAD:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as err:  # an environment without it (a conda env of a light rule)
+            print(f"not preloaded: {module} ({err})", flush=True)
     import threading
 
     if threading.active_count() != 1:
