@@ -346,6 +346,21 @@ def test_ablation_is_the_default_policies_and_the_prune_step_rebuilds_its_best_t
     assert abs(report["achieved"] - 0.3) <= 0.005
 
 
+def test_a_target_reached_only_past_a_bound_is_out_of_reach(vit_factory, example_inputs, calib):
+    """The coordinator relaxes the bounds on TargetOutOfReach only: a prune that meets the MACs
+    target by cutting a kind past its bound must say so, or every later trial fails the same way
+    and the plan dies (seen on convnext 0.5, whose top-up pushed mlp to 0.500 over 0.467)."""
+    from agentprune.agents.pruning_agent import PruningAgent
+    from agentprune.pruning.settings import PrunerSettings, TargetOutOfReach
+
+    search = {"tolerance": 0.005, "max_steps": 30, "gmacs_tolerance": 0.005}
+    caps = {"attention": 0.9, "mlp": 0.05, "residual": 0.9}
+    with pytest.raises(TargetOutOfReach, match=r"mlp pruned by 0\.\d+, above its bound 0\.050"):
+        PruningAgent().run(
+            vit_factory(), PrunerSettings(), 0.5, example_inputs, calib, 0, search, caps
+        )
+
+
 def test_bounds_that_leave_the_target_out_of_reach_are_relaxed_step_by_step(smoke) -> None:
     tight = {
         "match": "digits/vit",

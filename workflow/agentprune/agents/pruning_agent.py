@@ -11,7 +11,7 @@ from torch import nn
 
 from agentprune.agents.analysis import SCOPES
 from agentprune.pruning import structured
-from agentprune.pruning.settings import PrunerSettings, PruningError
+from agentprune.pruning.settings import PrunerSettings, TargetOutOfReach
 
 
 def _widths(model: nn.Module, globs: tuple[str, ...]) -> dict[str, int]:
@@ -56,9 +56,11 @@ class PruningAgent:
         """Prune a copy of ``base`` to ``target`` and verify it.
 
         Raises:
-            PruningError: the target is out of reach under these settings, the forward or
-                backward pass fails or is not finite (checked by ``prune_to_target``), or a kind
-                exceeds its bound by more than one channel.
+            TargetOutOfReach: the target is out of reach under these settings, or is reached
+                only by pruning a kind past its bound by more than one channel: either way the
+                bounds leave it out of reach, which the coordinator answers by relaxing them.
+            PruningError: the forward or backward pass fails or is not finite (checked by
+                ``prune_to_target``).
         """
         model, report = structured.prune_to_target(
             base, settings, target, example_inputs, calibration, seed, **search
@@ -69,7 +71,7 @@ class PruningAgent:
             widths = _widths(base, SCOPES.get(kind, ()))
             slack = (1.0 / min(widths.values()) if widths else 0.0) + 1e-9
             if ratio > caps[kind] + slack:
-                raise PruningError(
+                raise TargetOutOfReach(
                     f"{kind} pruned by {ratio:.3f}, above its bound {caps[kind]:.3f}"
                 )
         report["realized_ratios"] = realized
