@@ -113,16 +113,15 @@ def hand_off(snakemake: Any) -> None:
     """Run this Snakemake script in the warm worker and exit with its status.
 
     Returns at once (the script runs on in this process) in the worker's child, outside a
-    Snakemake script, or where :func:`wanted` says no. When the worker cannot start it says why on
-    stderr and returns.
+    Snakemake script, with no ``worker`` key in the config, or where :func:`wanted` says no.
+    When the worker cannot start it says why on stderr and returns.
     """
     main = sys.modules.get("__main__")
     script = getattr(main, "__real_file__", None)  # set by Snakemake's script preamble
     if _in_child or script is None:
         return
-    config = getattr(snakemake, "config", None) or {}
-    ok, _ = wanted(str(config.get("worker", "auto")))
-    if not ok:
+    mode = (getattr(snakemake, "config", None) or {}).get("worker")  # the schema fills it in
+    if mode is None or not wanted(str(mode))[0]:
         return
     log = next(iter(getattr(snakemake, "log", []) or []), None)
     try:
@@ -165,7 +164,7 @@ def run_in_worker(
             raise WorkerUnavailable("the worker closed the connection before forking")
         with _forwarding_signals(pid):
             line = reader.readline()
-        if not line:  # the worker died under us: the child is gone with its session
+        if not line:  # the worker died under us; its child, in its own group, would outlive it
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
             print(
