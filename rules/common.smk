@@ -59,8 +59,8 @@ wildcard_constraints:
 
 def job_runs(filename):
     """``filename`` of every run that a job of a per-run step serves (plan, prune, finetune,
-    evaluate, run card, transcript), that is all seeds of its (model, method, ratio) with batch_seeds, else its own run.
-    Always a list, in the order of job_seeds.
+    evaluate, run card, transcript): all seeds of its (model, method, ratio) with batch_seeds,
+    else its own run. Always a list, in the order of job_seeds.
     """
     if BATCH_SEEDS:
         return expand(f"{CELL}/s{{seed}}/{filename}", seed=SEEDS, allow_missing=True)
@@ -211,24 +211,28 @@ def all_metrics():
     return runs("metrics.json")
 
 
+def job_files(root, suffix):
+    """``{step}.{suffix}`` under ``root`` (BENCH_JOB or JOB_LOGS) of every plan, prune, finetune
+    and evaluate job in the grid, each once (a batch_seeds job serves several runs)."""
+    from agentprune.benchmarks import STEPS
+
+    return list(
+        dict.fromkeys(path for step in STEPS for path in runs(f"{step}.{suffix}", root=root))
+    )
+
+
 def run_benchmarks():
-    """The benchmark file of every plan, prune, finetune and evaluate job in the grid (one per
-    run, or per (model, method, ratio) with batch_seeds).
+    """The benchmark file of every plan, prune, finetune and evaluate job in the grid.
 
     Base-model jobs are left out on purpose: with `--cache` they may be fetched instead of run, and
     then have no benchmark file.
     """
-    from agentprune.benchmarks import STEPS
-
-    jobs = [path for step in STEPS for path in runs(f"{step}.tsv", root=BENCH_JOB)]
-    # A batched job's file once, not once per seed.
-    return list(dict.fromkeys(jobs))
+    return job_files(BENCH_JOB, "tsv")
 
 
 def run_benchmark_logs():
     """The log of each run_benchmarks() job, in the same order."""
-    prefix = f"{RESULTS}/benchmarks/"
-    return [f"{LOGS}/{path[len(prefix):-len('.tsv')]}.log" for path in run_benchmarks()]
+    return job_files(JOB_LOGS, "log")
 
 
 def report_pages():

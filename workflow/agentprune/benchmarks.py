@@ -104,7 +104,8 @@ def read_benchmark(path: str | Path, log: str | Path | None = None) -> dict[str,
     child = worker.logged_usage(log) if log else None
     if child:
         record["cpu_seconds"] += child["user"] + child["system"]
-        record["max_rss_mb"] = max(record["max_rss_mb"], child["rss"] * 1.048576)  # MiB -> MB
+        # Snakemake's max_rss is bytes / 1024**2 (MiB, labelled MB), the unit of the log line.
+        record["max_rss_mb"] = max(record["max_rss_mb"], child["rss"])
     return record
 
 
