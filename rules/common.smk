@@ -83,7 +83,12 @@ def job_pages(filename, caption, category):
 
 def run_page(path, caption, category, seed):
     """One run's page in the report, under its model, method, ratio and seed."""
-    labels = {"model": "{model}", "method": "{method}", "ratio": "{ratio}", "seed": seed}
+    labels = {
+        "model": "{model}",
+        "method": "{method}",
+        "ratio": "{ratio}",
+        "seed": seed,
+    }
     return report(
         path, caption=caption, category=category, subcategory="{model}", labels=labels
     )
@@ -217,7 +222,9 @@ def job_files(root, suffix):
     from agentprune.benchmarks import STEPS
 
     return list(
-        dict.fromkeys(path for step in STEPS for path in runs(f"{step}.{suffix}", root=root))
+        dict.fromkeys(
+            path for step in STEPS for path in runs(f"{step}.{suffix}", root=root)
+        )
     )
 
 
