@@ -185,11 +185,17 @@ def test_prompts_describe_every_field_and_hide_the_default_unless_anchored() -> 
     state = _state([], [])
     default = master.heuristic(state, _plan_of)
     limits = master.limits(state)
-    plain = master.messages(master.payload(state), None, limits)
-    system = plain[0]["content"]
+    plain = master.messages(master.payload(state), None, limits, master.context(state))
+    system, run = plain[0]["content"].split("\nThe run: ")
     for field in ("action", "importance", "grouping", "heads", "allocation", "round_to",
-                  "calibration_batches", "lr", "steps", "rationale"):  # fmt: skip
+                  "calibration_batches", "lr", "steps"):  # fmt: skip
         assert f"- {field} (" in system, field
+    # No free text: every reply token is a choice the loop acts on.
+    assert "rationale" not in system
+    # What stays fixed over the plan is in the system prompt (evaluated once); what changes
+    # from call to call is the user message.
+    assert json.loads(run)["target"] == state["target"] and "history" not in json.loads(run)
+    assert set(json.loads(plain[1]["content"])) == {"bounds", "history", "trials_left"}
     # Every field is described, with the run's own limits filled in.
     assert "(1e-05 to 0.01)" in system and "at most 50" in system and "at most 16" in system
     # Numbers are menus (a small model's replies stay short and sane; clamps still apply).
@@ -204,11 +210,9 @@ def test_prompts_describe_every_field_and_hide_the_default_unless_anchored() -> 
 def test_a_reply_equal_to_the_default_is_not_an_llm_strategy() -> None:
     master = MasterAgent()
     default = master.heuristic(_state([], []), _plan_of)
-    copied = MasterDecision.model_validate(
-        {**default.model_dump(), "rationale": "worded differently"}
-    )
+    copied = MasterDecision.model_validate(default.model_dump())
     assert classify(copied, default, None).source == "llm_equal_default"
-    other = copied.model_copy(update={"action": "continue", "rationale": "x"})
+    other = copied.model_copy(update={"action": "continue"})
     other = other.model_copy(update={"strategy": other.strategy.model_copy(update={"heads": 0})})
     assert classify(other, default, None).source == "llm"
     fell_back = classify(None, default, "transport")
@@ -410,7 +414,6 @@ UNIFORM_L1 = {
         "calibration_batches": 99,
     },
     "recovery": {"lr": 5.0, "steps": 999},
-    "rationale": "try uniform L1",
 }
 SCRIPT = {"profiling": {"risks": ["heads are few"], "protect": ["mlp"]}, "master": UNIFORM_L1}
 
@@ -673,7 +676,7 @@ def test_transcript_page_shows_every_exchange_and_escapes_llm_text() -> None:
             "clamps": [{"agent": "analysis", "field": "strategy.heads", "requested": 3,
                         "applied": 1, "bound": 1, "reason": "heads bound", "trial": 1}],
             "trials": [{"trial": 1, "strategy": {"grouping": "global"}, "strategy_source": "llm",
-                        "rationale": "r", "achieved": 0.3, "val_top1": 90.0, "val_loss": 0.3,
+                        "achieved": 0.3, "val_top1": 90.0, "val_loss": 0.3,
                         "recovery": {"lr": 0.001, "steps": 5}, "seconds": 1.0,
                         "assessment": {"acceptable": True, "assessment": "fine"}}],
         },

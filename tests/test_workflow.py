@@ -213,7 +213,6 @@ def test_no_api_key_reaches_any_artifact_or_log(
                 "calibration_batches": 2,
             },
             "recovery": {"lr": 0.001, "steps": 5},
-            "rationale": "global taylor",
         },
     }
 

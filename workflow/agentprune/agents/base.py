@@ -157,12 +157,19 @@ class LLMAgent:
     decision: ClassVar[type[Decision]] = Decision
     role: ClassVar[str] = ""
 
-    def system_prompt(self, default: Decision | None, limits: dict[str, Any] | None = None) -> str:
+    def system_prompt(
+        self,
+        default: Decision | None,
+        limits: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> str:
         """The role, every field of the reply with its meaning and range (``limits`` fill the
-        ``{name}`` placeholders of the descriptions), and, for anchored prompts only, the default
-        policy's reply."""
+        ``{name}`` placeholders of the descriptions), the run's fixed ``context`` and, for
+        anchored prompts only, the default policy's reply."""
         fields = "\n".join(describe_schema(self.decision.model_json_schema()))
         lines = [self.role, "Reply with one JSON object:", fields.format_map(limits or {})]
+        if context is not None:
+            lines.append(f"The run: {compact(rounded(context))}")
         if default is not None:
             lines.append(
                 f"The default policy would reply: {compact(rounded(default.model_dump()))}. "
@@ -175,10 +182,16 @@ class LLMAgent:
         payload: dict[str, Any],
         default: Decision | None,
         limits: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> list[dict[str, str]]:
-        """The chat messages: the system prompt (see :meth:`system_prompt`), then the payload."""
+        """The chat messages: the system prompt (see :meth:`system_prompt`), then the payload.
+
+        What stays fixed over a plan's calls goes in ``context`` (the system prompt), what
+        changes in ``payload``: the backend evaluates a system prompt once and reuses it, so a
+        call costs only its payload's tokens.
+        """
         return [
-            {"role": "system", "content": self.system_prompt(default, limits)},
+            {"role": "system", "content": self.system_prompt(default, limits, context)},
             {"role": "user", "content": compact(rounded(payload))},
         ]
 
@@ -191,6 +204,7 @@ class LLMAgent:
         anchored: bool = False,
         feedback: list[dict[str, str]] | None = None,
         limits: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> Answer:
         """The LLM's decision on ``payload`` (validated), or the default one on failure.
 
@@ -202,9 +216,10 @@ class LLMAgent:
             anchored: show the default decision in the prompt.
             feedback: extra messages after the payload (a re-ask with feedback).
             limits: the run's limits quoted in the field descriptions.
+            context: the run's fixed state (in the system prompt).
         """
         default = heuristic()
-        messages = self.messages(payload, default if anchored else None, limits)
+        messages = self.messages(payload, default if anchored else None, limits, context)
         messages += list(feedback or [])
         decision, from_llm = llm.decide(self.name, messages, self.decision, lambda: default, seed)
         return classify(decision if from_llm else None, default, llm.last_failure)

@@ -289,7 +289,6 @@ class Coordinator:
             decision.strategy,
             decision.recovery,
             {"strategy_source": decided.source, "default_reason": decided.reason},
-            decision.rationale,
             ctx,
             best,
         )
@@ -300,7 +299,6 @@ class Coordinator:
         strategy: Strategy,
         requested: Recovery,
         source: dict[str, Any],
-        rationale: str,
         ctx: TrialContext,
         best: dict[str, Any] | None,
     ) -> dict[str, Any]:
@@ -316,7 +314,6 @@ class Coordinator:
             "strategy": strategy.model_dump(),
             "recovery_requested": requested.model_dump(),
             **source,
-            "rationale": rationale,
             "settings": settings.to_dict(),
             "effective": {"settings": settings.to_dict(), "recovery": recovery.model_dump()},
             "bounds": ctx.caps,
@@ -380,7 +377,7 @@ class Coordinator:
         strategy = isomorphic_strategy("heads" in ctx.kinds, calibration)
         recovery = Recovery(lr=self.cfg.recovery.lr, steps=self.cfg.recovery.steps)
         source = {"strategy_source": "fallback", "default_reason": "no_trial"}
-        trial = self._run_trial(len(history) + 1, strategy, recovery, source, "fallback", ctx, None)
+        trial = self._run_trial(len(history) + 1, strategy, recovery, source, ctx, None)
         history.append(trial)
         if "val_top1" in trial:
             return trial

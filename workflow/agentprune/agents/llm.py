@@ -63,6 +63,7 @@ import re
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from agentprune.agents import skeleton
 from agentprune.agents.llm_settings import (
     LLMSettings,
     bundled_gguf,
@@ -303,8 +305,12 @@ def _load_llama(path: str, threads: int) -> tuple[Any, threading.Lock]:
         return _LLAMAS[path]
 
 
-_PREFIXES: dict[tuple[str, tuple[int, ...]], Any] = {}
-"""(GGUF path, prompt tokens of a system message) -> the llama state with them evaluated."""
+_PREFIXES: OrderedDict[tuple[str, tuple[int, ...]], Any] = OrderedDict()
+"""(GGUF path, prompt tokens of a system message) -> the llama state with them evaluated, most
+recently used last."""
+_MAX_PREFIXES = 8
+"""States kept in memory (a warm worker plans many runs; a master state of ~800 tokens is ~18 MB
+for SmolLM2, and older ones are still on disk)."""
 
 _STATE_FORMAT = 1
 """Version of the on-disk prompt states (:class:`PromptStates`); a change invalidates them."""
@@ -433,11 +439,12 @@ def _prefix_state(
     """The state after evaluating the prompt tokens shared by every call with this system
     message (its template tokens, up to where the user's text starts), built once per process.
 
-    A system prompt (the agent's role and the schema, about 470 tokens for the master) is the
-    same in every call of an agent; evaluating it once and restoring that state before each call
-    saves most of the prompt evaluation. The state depends on the system message alone, so a
-    reply still depends only on its messages, whichever calls came before. With ``states``, a
-    state another process evaluated is loaded instead, and a new one is stored there. Returns
+    A system prompt (the agent's role, the schema and the run's fixed context: about 800 tokens
+    for the master) is the same in every call of an agent; evaluating it once and restoring that
+    state before each call saves most of the prompt evaluation. The state depends on the system
+    message alone, so a reply still depends only on its messages, whichever calls came before.
+    With ``states``, a state another process evaluated is loaded instead, and a new one is
+    stored there. Returns
     None when the first message is not a system message or the model has no chat template.
     """
     if not messages or messages[0].get("role") != "system" or len(messages) < 2:
@@ -466,6 +473,9 @@ def _prefix_state(
             if states:
                 states.store(llama, path, prefix, state)
         _PREFIXES[key] = state
+        while len(_PREFIXES) > _MAX_PREFIXES:
+            _PREFIXES.popitem(last=False)
+    _PREFIXES.move_to_end(key)
     return _PREFIXES[key]
 
 
@@ -527,11 +537,15 @@ class _LlamaCppBackend:
     def complete(self, messages: list[dict], schema: type[BaseModel], seed: int) -> _Reply:
         s = self.settings
         llama, lock = _load_llama(self.path, self.threads)
+        json_schema = schema.model_json_schema()
         with lock:
             start_call(llama, self.path, messages, states=self.states)
+            prompt = _chat_tokens(llama, messages) if skeleton.supported(json_schema) else None
+            if prompt is not None:
+                return self._skeleton(llama, prompt, json_schema, seed)
             out = llama.create_chat_completion(
                 messages=messages,
-                response_format={"type": "json_object", "schema": schema.model_json_schema()},
+                response_format={"type": "json_object", "schema": json_schema},
                 temperature=s.temperature,
                 seed=seed,
                 max_tokens=s.max_tokens,
@@ -544,6 +558,24 @@ class _LlamaCppBackend:
             completion_tokens=int(usage.get("completion_tokens", 0)),
             finish_reason=str(choice.get("finish_reason") or ""),
         )
+
+    def _skeleton(self, llama: Any, prompt: list[int], schema: dict, seed: int) -> _Reply:
+        """A reply by schema-skeleton decoding (:mod:`agentprune.agents.skeleton`), from the
+        state :func:`start_call` left (``prompt``'s evaluated prefix)."""
+        s = self.settings
+        decoder = skeleton.SkeletonDecoder(llama, s.temperature, seed, s.max_tokens)
+        finish = "stop"
+        try:
+            text = decoder.decode(prompt[llama.n_tokens :], schema)
+        except skeleton.ReplyCut as cut:
+            text, finish = str(cut), "length"
+        return _Reply(text, len(prompt), decoder.reply_tokens, finish)
+
+    @staticmethod
+    def decoding(schema: type[BaseModel]) -> str:
+        """How replies of ``schema`` are decoded (part of the cache key: the two ways give
+        different replies)."""
+        return "skeleton" if skeleton.supported(schema.model_json_schema()) else "json_object"
 
     def classify(self, exc: Exception) -> _Failure:
         return _Failure("fatal", f"llama.cpp error {type(exc).__name__}", _one_line(str(exc)))
@@ -775,7 +807,7 @@ class LLM:
         key = None
         if self._cache is not None:
             s = self.settings
-            mode = s.response_format if self.backend == "openai" else "json_object"
+            mode = s.response_format if self.backend == "openai" else self._backend.decoding(schema)
             key = _ResponseCache.key(
                 [self.backend, self.model, msgs, schema.model_json_schema()]
                 + [s.temperature, seed if s.temperature > 0 else None, s.max_tokens, mode]

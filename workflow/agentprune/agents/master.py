@@ -69,24 +69,15 @@ class MasterAgent(LLMAgent):
             lr=float(state["recovery"]["lr"]), steps=int(state["recovery"]["steps"])
         )
         tried = [t["effective"] for t in state["history"]]
-        for number, strategy in enumerate(candidates, 1):
-            decision = MasterDecision(
-                action="continue",
-                strategy=strategy,
-                recovery=recovery,
-                rationale=f"default sequence, trial {number} of {len(candidates)}",
-            )
+        for strategy in candidates:
+            decision = MasterDecision(action="continue", strategy=strategy, recovery=recovery)
             if effective(decision) not in tried:
                 return decision
-        return MasterDecision(
-            action="stop",
-            strategy=candidates[-1],
-            recovery=recovery,
-            rationale="the default sequence is spent",
-        )
+        return MasterDecision(action="stop", strategy=candidates[-1], recovery=recovery)
 
-    def payload(self, state: dict[str, Any]) -> dict[str, Any]:
-        """What the LLM sees: target, profile, risks, bounds and the history of trials."""
+    def context(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What the LLM sees that stays fixed over a plan: target, profile, risks and the base
+        model's accuracy."""
         profile = state["profile"]
         return {
             "target": state["target"],
@@ -95,8 +86,14 @@ class MasterAgent(LLMAgent):
             "loss_increase_by_kind_and_ratio": profile["loss_increase"],
             "risks": state["risks"],
             "protect": state["protect"],
-            "bounds": state["bounds"],
             "base_val_top1": state["base_val_top1"],
+        }
+
+    def payload(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What changes from call to call: the bounds (relaxed when out of reach), the history
+        of trials and the trials left."""
+        return {
+            "bounds": state["bounds"],
             "history": [_history_entry(t) for t in state["history"]],
             "trials_left": state["trials_left"],
         }
@@ -123,8 +120,8 @@ class MasterAgent(LLMAgent):
         def default() -> MasterDecision:
             return self.heuristic(state, effective)
 
-        limits = self.limits(state)
-        answer = self.ask(llm, payload, default, seed, anchored, limits=limits)
+        limits, context = self.limits(state), self.context(state)
+        answer = self.ask(llm, payload, default, seed, anchored, limits=limits, context=context)
         if not answer.from_llm or not self._repeats(answer.decision, state, effective):
             return answer
         feedback = [
@@ -136,7 +133,7 @@ class MasterAgent(LLMAgent):
                 "trial, or with action stop.",
             },
         ]
-        again = self.ask(llm, payload, default, seed, anchored, feedback, limits)
+        again = self.ask(llm, payload, default, seed, anchored, feedback, limits, context)
         if again.from_llm and self._repeats(again.decision, state, effective):
             return Answer(again.default, again.default, "default", "repeat")
         return again
@@ -165,5 +162,6 @@ def _history_entry(trial: dict[str, Any]) -> dict[str, Any]:
             **trial.get("assessment", {}),
         )
     else:
-        entry["error"] = trial.get("error", "failed")
+        # The pruner's advice after ";" is for the user, not for the search.
+        entry["error"] = trial.get("error", "failed").split(";")[0]
     return entry

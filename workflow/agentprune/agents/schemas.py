@@ -127,7 +127,6 @@ class MasterDecision(Decision):
     )
     strategy: Strategy = Field(description="how the next trial prunes")
     recovery: Recovery = Field(description="the next trial's short fine-tuning")
-    rationale: str = Field(max_length=60, description="a few words")
 
     def acting_fields(self) -> dict[str, Any]:
         return {

@@ -770,7 +770,7 @@ def _search(
         best = max((t.get("achieved", 0.0) for t in trials), default=0.0)
         if found.reduction < target:
             raise TargetOutOfReach(
-                f"no ratio up to max_pruning_ratio={settings.max_pruning_ratio} reaches "
+                f"no ratio up to max_pruning_ratio={settings.max_pruning_ratio:.3g} reaches "
                 f"{window.describe(base_macs)} (best removes {best:.3f} of the MACs); raise "
                 "max_pruning_ratio or lower the target"
             )
