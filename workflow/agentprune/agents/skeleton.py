@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from agentprune.agents.base import _resolve as resolve_schema_node
+
 FREE_STRING_CHARS = 200
 """Length cap of a free string whose schema sets no ``maxLength``."""
 FREE_ARRAY_ITEMS = 8
@@ -43,18 +45,11 @@ class ReplyCut(Exception):
 
 
 def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """A schema node with ``$ref`` followed and a nullable ``anyOf`` unwrapped."""
-    nullable = False
-    if "anyOf" in node:
-        options = [o for o in node["anyOf"] if o.get("type") != "null"]
-        if len(options) != 1:
-            return {"unsupported": True}, False
-        nullable = len(options) < len(node["anyOf"])
-        node = {**options[0], **{k: v for k, v in node.items() if k != "anyOf"}}
-    if "$ref" in node:
-        target = defs[node["$ref"].rsplit("/", 1)[-1]]
-        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-    return node, nullable
+    """A schema node with ``$ref`` followed and a nullable ``anyOf`` unwrapped (an ``anyOf`` of
+    several non-null options is not supported)."""
+    if "anyOf" in node and len([o for o in node["anyOf"] if o.get("type") != "null"]) != 1:
+        return {"unsupported": True}, False
+    return resolve_schema_node(node, defs)
 
 
 def supported(schema: dict[str, Any]) -> bool:
