@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from agentprune.agents.base import _resolve as resolve_schema_node
+from agentprune.agents.json_schema import resolve_node
 
 FREE_STRING_CHARS = 200
 """Length cap of a free string whose schema sets no ``maxLength``."""
@@ -49,7 +49,7 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> tuple[dict[str, Any]
     several non-null options is not supported)."""
     if "anyOf" in node and len([o for o in node["anyOf"] if o.get("type") != "null"]) != 1:
         return {"unsupported": True}, False
-    return resolve_schema_node(node, defs)
+    return resolve_node(node, defs)
 
 
 def supported(schema: dict[str, Any]) -> bool:
