@@ -10,6 +10,7 @@ the end of this module.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from agentprune import config as cfgmod
 from agentprune import resolve, steps
 from agentprune.agents.analysis import AnalysisAgent, Bounds, kind_caps, run_bounds
 from agentprune.agents.base import classify, compact, rounded
-from agentprune.agents.coordinator import LLMUnavailableError
+from agentprune.agents.coordinator import BoundsLadder, LLMUnavailableError, TrialContext
 from agentprune.agents.influence import influence
 from agentprune.agents.master import MasterAgent
 from agentprune.agents.profiling_agent import ProfilingAgent, summarize
@@ -376,9 +377,36 @@ def test_bounds_that_leave_the_target_out_of_reach_are_relaxed_step_by_step(smok
     reasons = [f["reason"] for f in doc["provenance"]["fallbacks"]]
     assert any("relaxed to the config ceiling" in r for r in reasons)
     assert doc["agents"]["bounds_level"].startswith("the config ceiling")
-    assert [r["level"] for r in doc["provenance"]["relaxations"]][-1].startswith("the config")
+    relaxations = doc["provenance"]["relaxations"]
+    assert relaxations[-1]["level"].startswith("the config")
+    # Every relaxation loosens something: a level equal to the one before (no protection to drop)
+    # is skipped instead of spending a trial on the same bounds.
+    steps = [trials[0]["bounds"]] + [r["bounds"] for r in relaxations]
+    assert all(a != b for a, b in zip(steps, steps[1:]))
     assert abs(doc["expected"]["achieved"] - 0.3) <= 0.005
     assert_in_bounds(doc)
+
+
+def test_a_relaxation_always_loosens_a_bound() -> None:
+    """Without protected kinds, dropping the protection changes nothing: that level is skipped
+    rather than spending a trial on the same bounds."""
+    measured = _bounds({"attention": 0.2, "mlp": 0.2, "residual": 0.2})
+    ctx = TrialContext(
+        target=0.5,
+        kinds=KINDS,
+        protect=[],
+        heads_per_layer=[4, 4],
+        overrides={},
+        workspace=None,
+        seed=0,
+        base_val_top1=90.0,
+        ladder=BoundsLadder.of(measured),
+    )
+    tight = ctx.caps
+    assert ctx.relax() and ctx.ladder.label.startswith("the config ceiling")
+    assert ctx.caps != tight and not ctx.relax()
+    protected = dataclasses.replace(ctx, protect=["mlp"], ladder=BoundsLadder.of(measured))
+    assert protected.relax() and protected.ladder.label == "measured bounds without protection"
 
 
 def _scripted(decisions: dict[str, Any]):

@@ -142,6 +142,15 @@ class TrialContext:
         """The effective bound of every kind at the current level."""
         return kind_caps(self.kinds, self.protect, self.ladder.bounds, self.heads_per_layer)
 
+    def relax(self) -> bool:
+        """Down the ladder to the next level that loosens a bound (without protection, a level
+        can equal the one before); False when there is none left."""
+        before = self.caps
+        while self.ladder.relax():
+            if self.caps != before:
+                return True
+        return False
+
 
 class Coordinator:
     """Runs the six agents against one LLM."""
@@ -387,7 +396,7 @@ class Coordinator:
 
     def _relax(self, ctx: TrialContext) -> bool:
         """One step down the bounds ladder, recorded; False when there is none left."""
-        if not ctx.ladder.relax():
+        if not ctx.relax():
             return False
         reason = (
             f"target {ctx.target} out of reach under the bounds; relaxed to "
