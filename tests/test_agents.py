@@ -186,7 +186,7 @@ def test_prompts_describe_every_field_and_hide_the_default_unless_anchored() -> 
     state = _state([], [])
     default = master.heuristic(state, _plan_of)
     limits = master.limits(state)
-    plain = master.messages(master.payload(state), None, limits, master.context(state))
+    plain = master.messages(master.turns(state), None, limits, master.context(state))
     system, run = plain[0]["content"].split("\nThe run: ")
     for field in ("action", "importance", "grouping", "heads", "allocation", "round_to",
                   "calibration_batches", "lr", "steps"):  # fmt: skip
@@ -196,16 +196,57 @@ def test_prompts_describe_every_field_and_hide_the_default_unless_anchored() -> 
     # What stays fixed over the plan is in the system prompt (evaluated once); what changes
     # from call to call is the user message.
     assert json.loads(run)["target"] == state["target"] and "history" not in json.loads(run)
-    assert set(json.loads(plain[1]["content"])) == {"bounds", "history", "trials_left"}
+    assert len(plain) == 2 and set(json.loads(plain[1]["content"])) == {"bounds", "trials_left"}
     # Every field is described, with the run's own limits filled in.
     assert "(1e-05 to 0.01)" in system and "at most 50" in system and "at most 16" in system
     # Numbers are menus (a small model's replies stay short and sane; clamps still apply).
     assert "heads (0.0|0.5|1.0|1.5|2.0)" in system and "steps (0|10|20|30|50)" in system
     assert "{" not in system
     assert "default policy" not in system and '"isomorphic","round_to"' not in system
-    anchored = master.messages(master.payload(state), default, limits)[0]["content"]
+    anchored = master.messages(master.turns(state), default, limits)[0]["content"]
     assert "The default policy would reply:" in anchored
     assert compact(rounded(default.model_dump())) in anchored
+
+
+def _trial(number: int, bounds: dict[str, float], val_top1: float | None) -> dict[str, Any]:
+    """A coordinator trial record: what the master's turns are built from."""
+    strategy = MasterAgent().heuristic(_state([], []), _plan_of)
+    trial = {
+        "trial": number,
+        "strategy": strategy.strategy.model_dump(),
+        "recovery_requested": strategy.recovery.model_dump(),
+        "bounds": bounds,
+    }
+    if val_top1 is None:
+        trial["error"] = "no ratio reaches the target; raise max_pruning_ratio"
+    else:
+        trial.update(achieved=0.5, val_top1=val_top1, val_loss=0.3, params=1000)
+        trial["assessment"] = {"drop_from_base": 1.0, "gain_over_best": None}
+    return trial
+
+
+def test_the_master_conversation_only_grows_one_turn_per_trial() -> None:
+    """Call k + 1's messages are call k's plus the turn of the trial k ran, so the backend
+    evaluates each turn once; relaxed bounds are said once, in the turn after which they
+    changed."""
+    master = MasterAgent()
+    tight, loose = {"mlp": 0.3}, {"mlp": 0.9}
+    trials = [_trial(1, tight, None), _trial(2, loose, 80.0)]
+    calls = []
+    for k in range(3):
+        state = _state(trials[:k], [])
+        state["bounds"] = tight if k == 0 else loose
+        state["trials_left"] = 3 - k
+        limits, context = master.limits(state), master.context(state)
+        calls.append(master.messages(master.turns(state), None, limits, context))
+    for before, after in zip(calls, calls[1:]):
+        assert after[: len(before)] == before and len(after) == len(before) + 1
+    first, failed, ran = (json.loads(m["content"]) for m in calls[2][1:])
+    assert first == {"bounds": tight, "trials_left": 3}
+    assert failed["error"] == "no ratio reaches the target" and failed["trials_left"] == 2
+    assert failed["bounds_relaxed_to"] == loose and "bounds_relaxed_to" not in ran
+    assert ran["val_top1"] == 80.0 and ran["trials_left"] == 1
+    assert "val_loss" not in ran and "params" not in ran and ran["drop_from_base"] == 1.0
 
 
 def test_a_reply_equal_to_the_default_is_not_an_llm_strategy() -> None:

@@ -37,6 +37,7 @@ EXCHANGE_KEYS = {
     "prompt_tokens",
     "completion_tokens",
     "cached",
+    "alternatives",
 }
 VALID = '{"lr": 0.001, "steps": 100, "rationale": "short recovery"}'
 MESSAGES = [

@@ -59,7 +59,8 @@ class CharModel:
         return bytes(tokens)
 
     def eval(self, tokens: list[int]) -> None:
-        self.evaluated += tokens
+        # Like llama.cpp: what lies past n_tokens (a rewound reply) is dropped first.
+        self.evaluated = self.evaluated[: self.n_tokens] + list(tokens)
         self.n_tokens += len(tokens)
         self.evals += 1
 
@@ -153,6 +154,32 @@ def test_the_token_budget_cuts_the_reply() -> None:
     assert decoder.reply_tokens == 8
 
 
+def test_a_rejected_reply_gives_way_to_the_most_likely_reply_one_choice_away() -> None:
+    wanted = '{"n":16,"x":0.75}'
+    fake = CharModel(wanted)
+    decoder = SkeletonDecoder(fake, 0.0, 0, 500)
+    prompt, schema = list(fake.prompt.encode()), Numbers.model_json_schema()
+    # Two choices, each won by 10 logits: the first one's runner-up comes first (n=1); past
+    # it the model wants nothing, so x takes the first of its options.
+    text = decoder.decode(prompt, schema, accept=lambda t: t != wanted, alternatives=4)
+    assert text == '{"n":1,"x":0.5}' and decoder.alternatives_tried == 1
+    fake = CharModel(wanted)
+    rejected = {wanted, '{"n":1,"x":0.5}'}
+    decoder = SkeletonDecoder(fake, 0.0, 0, 500)
+    text = decoder.decode(prompt, schema, accept=lambda t: t not in rejected, alternatives=4)
+    assert text == '{"n":16,"x":0.5}' and decoder.alternatives_tried == 2
+    # A switched choice reuses what the model holds: the first reply's two choices, one for the
+    # first alternative (after n), and one for the second, which must re-evaluate "16" because
+    # the first alternative overwrote it; x is the last choice, so nothing after it runs.
+    assert fake.evals == 4
+    assert bytes(fake.evaluated[: fake.n_tokens]).decode() == 'P{"n":16,"x":0.'
+    fake = CharModel(wanted)
+    # With none accepted, the first reply stands (the caller handles the repeat).
+    decoder = SkeletonDecoder(fake, 0.0, 0, 500)
+    assert decoder.decode(prompt, schema, accept=lambda t: False, alternatives=1) == wanted
+    assert decoder.alternatives_tried == 1
+
+
 def test_supported_schemas() -> None:
     assert supported(MasterDecision.model_json_schema())
     assert supported(ProfilingDecision.model_json_schema())
@@ -241,3 +268,88 @@ def test_real_sampling_is_seeded_and_cut_replies_are_re_asked() -> None:
     assert reply.finish_reason == "length" and reply.completion_tokens <= 21
     decision, from_llm = short.decide("master", MESSAGES, MasterDecision, lambda: None, 0)
     assert not from_llm and "reply cut at max_tokens=20" in short.fallbacks[0]["reason"]
+
+
+MASTER_TURNS = [
+    '{"bounds":{"attention":0.9,"heads":0.75,"mlp":0.9,"residual":0.3},"trials_left":3}',
+    '{"achieved":0.75,"recovery":{"lr":0.0001,"steps":10},"strategy":{"allocation":null,'
+    '"calibration_batches":1,"grouping":"global","heads":0.0,"importance":"taylor",'
+    '"round_to":1},"trial":1,"trials_left":2,"val_top1":47.6}',
+    '{"error":"no ratio reaches the target","recovery":{"lr":0.001,"steps":20},"strategy":'
+    '{"allocation":null,"calibration_batches":1,"grouping":"isomorphic","heads":1.0,'
+    '"importance":"taylor","round_to":1},"trial":2,"trials_left":1}',
+]
+SYSTEM = {"role": "system", "content": MESSAGES[0]["content"] + " Each trial is measured."}
+
+
+def _conversation(turns: int) -> list[dict]:
+    return [SYSTEM, *({"role": "user", "content": t} for t in MASTER_TURNS[:turns])]
+
+
+@needs_llama
+def test_a_reply_depends_only_on_its_messages_however_the_state_was_reached(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversation's later call reuses what the model holds from the earlier one and
+    evaluates only its new turn, yet replies exactly as a fresh process would: after another
+    prompt, after the system state was evicted, and from a state loaded from disk."""
+    llm, llama, lock, path = _llama()
+    backend = llm._backend
+    monkeypatch.setattr(llm_mod, "_PREFIXES", llm_mod.OrderedDict())
+    monkeypatch.setattr(llm_mod, "_LIVE", {})
+    replies = [backend.complete(_conversation(k), MasterDecision, 0).text for k in (1, 2, 3)]
+    for text in replies:
+        MasterDecision.model_validate_json(text)
+    evaluated = []
+    real_eval = llama.eval
+
+    def counted_eval(tokens: list[int]) -> None:
+        evaluated.append(len(tokens))
+        real_eval(tokens)
+
+    monkeypatch.setattr(llama, "eval", counted_eval)
+    with lock:
+        llm_mod.start_call(llama, path, _conversation(2))  # rewinds the third call's state
+        llm_mod.start_call(llama, path, _conversation(3))
+    turn = len(llm_mod._chat_tokens(llama, _conversation(3))) - len(
+        llm_mod._chat_tokens(llama, _conversation(2))
+    )
+    assert evaluated == [turn]  # only the third turn (and its template tokens)
+    monkeypatch.setattr(llama, "eval", real_eval)
+
+    def fresh(k: int) -> str:
+        return backend.complete(_conversation(k), MasterDecision, 0).text
+
+    backend.complete(MESSAGES, MasterDecision, 0)  # another prompt in between
+    assert [fresh(k) for k in (3, 1, 2)] == [replies[2], replies[0], replies[1]]
+    monkeypatch.setattr(llm_mod, "_MAX_PREFIXES", 1)
+    backend.complete(MESSAGES, MasterDecision, 0)  # evicts the conversation's system state
+    assert fresh(2) == replies[1]
+    states = llm_mod.PromptStates(tmp_path)
+    monkeypatch.setattr(llm_mod, "_PREFIXES", llm_mod.OrderedDict())
+    monkeypatch.setattr(llm_mod, "_LIVE", {})
+    with lock:
+        llm_mod.start_call(llama, path, _conversation(3), states=states)  # evaluates, stores
+    monkeypatch.setattr(llm_mod, "_PREFIXES", llm_mod.OrderedDict())
+    monkeypatch.setattr(llm_mod, "_LIVE", {})
+    llama.reset()
+    backend.states = states  # a new process: only the file is left
+    assert list(tmp_path.glob("*.npz")) and fresh(3) == replies[2]
+
+
+@needs_llama
+def test_an_avoided_real_reply_is_replaced_deterministically() -> None:
+    llm, llama, lock, path = _llama()
+    backend = llm._backend
+    messages = _conversation(2)
+    greedy = backend.complete(messages, MasterDecision, 0)
+    avoid = llm_mod.Avoid(
+        "greedy", lambda d: d == MasterDecision.model_validate_json(greedy.text), alternatives=3
+    )
+    other = backend.complete(messages, MasterDecision, 0, avoid)
+    assert other.text != greedy.text and other.alternatives >= 1
+    MasterDecision.model_validate_json(other.text)
+    llm_mod._LIVE.clear()
+    llm_mod._PREFIXES.clear()
+    backend.complete(MESSAGES, MasterDecision, 0)
+    assert backend.complete(messages, MasterDecision, 0, avoid).text == other.text

@@ -17,7 +17,7 @@ from agentprune.agents.json_schema import describe_schema
 from agentprune.agents.schemas import Decision
 
 if TYPE_CHECKING:
-    from agentprune.agents.llm import LLM
+    from agentprune.agents.llm import LLM, Avoid
 
 PROMPTS = ("unanchored", "anchored")
 """The two prompt kinds a plan records (``agents.anchor_default`` picks ``anchored``)."""
@@ -122,47 +122,53 @@ class LLMAgent:
 
     def messages(
         self,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | list[dict[str, Any]],
         default: Decision | None,
         limits: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
     ) -> list[dict[str, str]]:
-        """The chat messages: the system prompt (see :meth:`system_prompt`), then the payload.
+        """The chat messages: the system prompt (see :meth:`system_prompt`), then the payload,
+        one user message per turn when it is a list.
 
         What stays fixed over a plan's calls goes in ``context`` (the system prompt), what
-        changes in ``payload``: the backend evaluates a system prompt once and reuses it, so a
-        call costs only its payload's tokens.
+        changes in the turns. A later call's turns extend an earlier call's, so the backend
+        evaluates each turn once and a call costs only its new turn's tokens.
         """
+        turns = payload if isinstance(payload, list) else [payload]
         return [
             {"role": "system", "content": self.system_prompt(default, limits, context)},
-            {"role": "user", "content": compact(rounded(payload))},
+            *({"role": "user", "content": compact(rounded(turn))} for turn in turns),
         ]
 
     def ask(
         self,
         llm: LLM,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | list[dict[str, Any]],
         heuristic: Callable[[], Decision],
         seed: int,
         anchored: bool = False,
         feedback: list[dict[str, str]] | None = None,
         limits: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
+        avoid: Avoid | None = None,
     ) -> Answer:
         """The LLM's decision on ``payload`` (validated), or the default one on failure.
 
         Args:
             llm: the LLM.
-            payload: the measured state (sent as JSON).
+            payload: the measured state (sent as JSON), or its turns (one message each).
             heuristic: builds the default policy's decision in this state.
             seed: the sampling seed.
             anchored: show the default decision in the prompt.
             feedback: extra messages after the payload (a re-ask with feedback).
             limits: the run's limits quoted in the field descriptions.
             context: the run's fixed state (in the system prompt).
+            avoid: decisions the backend should steer away from (see :class:`LLM.decide`).
         """
         default = heuristic()
         messages = self.messages(payload, default if anchored else None, limits, context)
         messages += list(feedback or [])
-        decision, from_llm = llm.decide(self.name, messages, self.decision, lambda: default, seed)
+        decision, from_llm = llm.decide(
+            self.name, messages, self.decision, lambda: default, seed, avoid
+        )
         return classify(decision if from_llm else None, default, llm.last_failure)

@@ -158,6 +158,24 @@ class _Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = ""
+    alternatives: int = 0
+    """Replies the backend decoded and set aside because :class:`Avoid` rejected them."""
+
+
+@dataclass
+class Avoid:
+    """Decisions a call must not return (trials already run), for a backend that can steer its
+    decoding away from them; the others ignore it and the caller re-asks.
+
+    Attributes:
+        key: what ``rejects`` depends on, for the response cache's key (JSON-serialisable).
+        rejects: whether a validated decision is one to avoid.
+        alternatives: at most this many other replies are tried.
+    """
+
+    key: Any
+    rejects: Callable[[BaseModel], bool]
+    alternatives: int = 4
 
 
 @dataclass
@@ -209,7 +227,9 @@ class _OpenAIBackend:
             }
         return {"type": "json_object", "schema": schema.model_json_schema()}
 
-    def complete(self, messages: list[dict], schema: type[BaseModel], seed: int) -> _Reply:
+    def complete(
+        self, messages: list[dict], schema: type[BaseModel], seed: int, avoid: Avoid | None = None
+    ) -> _Reply:
         s = self.settings
         resp = self.client.chat.completions.create(
             model=self.model,
@@ -447,35 +467,55 @@ class PromptStates:
         os.replace(tmp, file)
 
 
+def _boundaries(llama: Any, messages: list[dict], full: list[int]) -> list[int]:
+    """Where each message's content ends in the prompt tokens ``full`` (strictly increasing).
+
+    A content end is found as the tokens ``full`` shares with the same messages up to that one,
+    its content followed by a character no template adds: so the boundary is template-agnostic
+    and the same in every prompt that extends these messages.
+    """
+    ends: list[int] = []
+    for i, message in enumerate(messages):
+        probe = [*messages[:i], {**message, "content": message["content"] + "\x00"}]
+        tokens = _chat_tokens(llama, probe) or []
+        shared = 0
+        for a, b in zip(full, tokens):
+            if a != b:
+                break
+            shared += 1
+        # Keep the last prompt token out: llama.cpp must evaluate it for the next logits.
+        shared = min(shared, len(full) - 1)
+        if shared > (ends[-1] if ends else 0):
+            ends.append(shared)
+    return ends
+
+
 def _prefix_state(
     llama: Any, path: str, messages: list[dict], states: PromptStates | None = None
 ) -> Any:
-    """The state after evaluating the prompt tokens shared by every call with this system
-    message (its template tokens, up to where the user's text starts), built once per process.
+    """The state after evaluating the prompt tokens up to the end of the system message's
+    content, built once per process.
 
-    A system prompt (the agent's role, the schema and the run's fixed context: about 800 tokens
+    A system prompt (the agent's role, the schema and the run's fixed context: about 750 tokens
     for the master) is the same in every call of an agent; evaluating it once and restoring that
     state before each call saves most of the prompt evaluation. The state depends on the system
     message alone, so a reply still depends only on its messages, whichever calls came before.
     With ``states``, a state another process evaluated is loaded instead, and a new one is
-    stored there. Returns
-    None when the first message is not a system message or the model has no chat template.
+    stored there. Returns None when the first message is not a system message, there is no
+    user message, or the model has no chat template.
     """
     if not messages or messages[0].get("role") != "system" or len(messages) < 2:
         return None
     full = _chat_tokens(llama, messages)
-    probe = _chat_tokens(llama, [messages[0], {"role": "user", "content": "\x00"}])
-    if full is None or probe is None:
+    if full is None:
         return None
-    shared = 0
-    for a, b in zip(full, probe):
-        if a != b:
-            break
-        shared += 1
-    # Keep the last prompt token out of the prefix: llama.cpp must evaluate it for the logits.
-    prefix = tuple(full[: min(shared, len(full) - 1)])
-    if not prefix:
-        return None
+    return _system_state(llama, path, tuple(full[: _boundaries(llama, messages, full)[0]]), states)
+
+
+def _system_state(
+    llama: Any, path: str, prefix: tuple[int, ...], states: PromptStates | None
+) -> Any:
+    """The state of ``prefix`` evaluated in one batch: from memory, from ``states`` or new."""
     key = (path, prefix)
     if key not in _PREFIXES:
         state = states.load(llama, path, prefix) if states else None
@@ -493,25 +533,58 @@ def _prefix_state(
     return _PREFIXES[key]
 
 
+_LIVE: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+"""GGUF path -> the prompt tokens its llama holds evaluated in canonical chunks (see
+:func:`start_call`) and the chunk ends; what a reply evaluated after them is not included."""
+
+
 def start_call(
     llama: Any,
     path: str,
     messages: list[dict],
     prefix: bool = True,
     states: PromptStates | None = None,
-) -> None:
-    """Put the model in the state a call with ``messages`` starts from: the evaluated system
-    prompt (:func:`_prefix_state`, from ``states`` when stored there; ``prefix=False`` or no
-    system message: nothing).
+) -> list[int] | None:
+    """Put the model in the state a call with ``messages`` starts from: every message
+    evaluated up to the end of the last one's content, leaving the template's closing tokens
+    (and the reply) to the decoder.
 
-    Reusing whatever the previous call left instead would change the evaluation batches, and
-    with them the logits' rounding, so replies would depend on the call history.
+    The evaluation is canonical: the system message's content in one batch (that state kept,
+    and from ``states`` when stored there), then one batch per later message. So a state
+    depends only on the messages, whichever calls came before: what the model still holds from
+    the previous call (a conversation whose earlier turns this call repeats) is kept up to the
+    last chunk end the two share, and the rest evaluated in the same chunks a fresh process
+    would use. ``prefix=False``, no system message or no chat template: nothing is evaluated.
+
+    Returns:
+        The call's prompt tokens (the chat template's), or None without a chat template.
     """
-    state = _prefix_state(llama, path, messages, states) if prefix else None
-    if state is None:
+    full = _chat_tokens(llama, messages) if prefix else None
+    system_first = bool(messages) and messages[0].get("role") == "system" and len(messages) > 1
+    if full is None or not system_first:
+        _LIVE.pop(path, None)
         llama.reset()
+        return full if prefix else _chat_tokens(llama, messages)
+    ends = _boundaries(llama, messages, full)
+    at = 0
+    live_tokens, live_ends = _LIVE.get(path, ((), ()))
+    held = tuple(int(t) for t in llama.input_ids[: llama.n_tokens])
+    for end in reversed(ends):
+        same_chunks = {e for e in ends if e <= end} <= set(live_ends)
+        if same_chunks and tuple(full[:end]) == live_tokens[:end] == held[:end]:
+            at = end
+            break
+    if at:
+        llama.n_tokens = at  # the next eval drops what the cache holds past it
     else:
-        llama.load_state(state)
+        llama.load_state(_system_state(llama, path, tuple(full[: ends[0]]), states))
+        at = ends[0]
+    for a, b in zip(ends, ends[1:]):
+        if b > at:
+            llama.eval(full[max(a, at) : b])
+            at = b
+    _LIVE[path] = (tuple(full[: ends[-1]]), tuple(ends))
+    return full
 
 
 def _close_llamas() -> None:
@@ -523,6 +596,7 @@ def _close_llamas() -> None:
                 llama.close()
         _LLAMAS.clear()
         _PREFIXES.clear()
+        _LIVE.clear()
 
 
 class _LlamaCppBackend:
@@ -548,15 +622,17 @@ class _LlamaCppBackend:
             else None
         )
 
-    def complete(self, messages: list[dict], schema: type[BaseModel], seed: int) -> _Reply:
+    def complete(
+        self, messages: list[dict], schema: type[BaseModel], seed: int, avoid: Avoid | None = None
+    ) -> _Reply:
         s = self.settings
         llama, lock = _load_llama(self.path, self.threads)
         json_schema = schema.model_json_schema()
         with lock:
-            start_call(llama, self.path, messages, states=self.states)
-            prompt = _chat_tokens(llama, messages) if skeleton.supported(json_schema) else None
-            if prompt is not None:
-                return self._skeleton(llama, prompt, json_schema, seed)
+            prompt = start_call(llama, self.path, messages, states=self.states)
+            if prompt is not None and skeleton.supported(json_schema):
+                return self._skeleton(llama, prompt, schema, seed, avoid)
+            _LIVE.pop(self.path, None)  # the chat handler evaluates in batches of its own
             out = llama.create_chat_completion(
                 messages=messages,
                 response_format={"type": "json_object", "schema": json_schema},
@@ -573,17 +649,35 @@ class _LlamaCppBackend:
             finish_reason=str(choice.get("finish_reason") or ""),
         )
 
-    def _skeleton(self, llama: Any, prompt: list[int], schema: dict, seed: int) -> _Reply:
+    def _skeleton(
+        self, llama: Any, prompt: list[int], schema: type[BaseModel], seed: int, avoid: Avoid | None
+    ) -> _Reply:
         """A reply by schema-skeleton decoding (:mod:`agentprune.agents.skeleton`), from the
-        state :func:`start_call` left (``prompt``'s evaluated prefix)."""
+        state :func:`start_call` left (``prompt``'s evaluated prefix); with ``avoid``, steered
+        to the most likely reply it does not reject."""
         s = self.settings
         decoder = skeleton.SkeletonDecoder(llama, s.temperature, seed, s.max_tokens)
+        accept = None
+        if avoid is not None:
+
+            def accept(text: str) -> bool:
+                try:
+                    decision = _parse(text, schema)
+                except ValidationError:
+                    return True  # validation reports it, and the caller re-asks
+                return not avoid.rejects(decision)
+
         finish = "stop"
         try:
-            text = decoder.decode(prompt[llama.n_tokens :], schema)
+            text = decoder.decode(
+                prompt[llama.n_tokens :],
+                schema.model_json_schema(),
+                accept,
+                avoid.alternatives if avoid else 0,
+            )
         except skeleton.ReplyCut as cut:
             text, finish = str(cut), "length"
-        return _Reply(text, len(prompt), decoder.reply_tokens, finish)
+        return _Reply(text, len(prompt), decoder.reply_tokens, finish, decoder.alternatives_tried)
 
     @staticmethod
     def decoding(schema: type[BaseModel]) -> str:
@@ -623,6 +717,7 @@ class _ResponseCache:
                 prompt_tokens=entry["prompt_tokens"],
                 completion_tokens=entry["completion_tokens"],
                 finish_reason=entry.get("finish_reason", ""),
+                alternatives=entry.get("alternatives", 0),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -640,6 +735,7 @@ class _ResponseCache:
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens,
             "finish_reason": reply.finish_reason,
+            "alternatives": reply.alternatives,
         }
         tmp = None
         try:
@@ -667,7 +763,8 @@ class LLM:
         backend: the resolved backend (``openai``, ``llamacpp`` or ``heuristic``).
         model: the model name (openai), the GGUF file name (llamacpp) or ``heuristic``.
         exchanges: every attempt, each with the keys ``agent, backend, model, messages, response,
-            decision, ok, error, latency_s, prompt_tokens, completion_tokens, cached``.
+            decision, ok, error, latency_s, prompt_tokens, completion_tokens, cached,
+            alternatives`` (replies decoded and set aside by :class:`Avoid`).
         fallbacks: ``{"agent", "kind", "reason"}`` for every decision that fell back to the
             heuristic; ``kind`` is ``transport`` (the LLM could not be reached or refused the
             request) or ``invalid`` (its replies kept failing validation).
@@ -724,6 +821,7 @@ class LLM:
         schema: type[BaseModel],
         fallback: Callable[[], BaseModel],
         seed: int = 0,
+        avoid: Avoid | None = None,
     ) -> tuple[BaseModel, bool]:
         """One decision: the LLM's validated reply, or ``fallback()`` when that fails.
 
@@ -733,6 +831,8 @@ class LLM:
             schema: the pydantic model the reply must validate against.
             fallback: builds the heuristic decision.
             seed: the sampling seed.
+            avoid: decisions to steer away from, where the backend can (the caller still
+                checks the reply).
 
         Returns:
             ``(decision, from_llm)``; ``from_llm`` is False for a fallback or heuristic decision.
@@ -751,7 +851,7 @@ class LLM:
         while True:
             t0 = time.perf_counter()
             try:
-                reply, cached = self._complete(msgs, schema, seed)
+                reply, cached = self._complete(msgs, schema, seed, avoid)
             except Exception as exc:  # noqa: BLE001 - no LLM failure may crash the pipeline
                 failure = self._backend.classify(exc)
                 self._record(agent, msgs, None, None, False, str(failure), t0, False)
@@ -815,7 +915,7 @@ class LLM:
         return self._backend.scrub if self._backend else _Scrubber()
 
     def _complete(
-        self, msgs: list[dict], schema: type[BaseModel], seed: int
+        self, msgs: list[dict], schema: type[BaseModel], seed: int, avoid: Avoid | None = None
     ) -> tuple[_Reply, bool]:
         """One reply, from the cache when there is one, else from the backend."""
         key = None
@@ -825,13 +925,19 @@ class LLM:
             key = _ResponseCache.key(
                 [self.backend, self.model, msgs, schema.model_json_schema()]
                 + [s.temperature, seed if s.temperature > 0 else None, s.max_tokens, mode]
+                # Only the in-process backend steers its decoding by ``avoid``.
+                + (
+                    [{"avoid": avoid.key, "alternatives": avoid.alternatives}]
+                    if avoid and self.backend == "llamacpp"
+                    else []
+                )
             )
             hit = self._cache.get(key)
             if hit is not None:
                 self._cached += 1
                 return hit, True
         self._calls += 1
-        reply = self._backend.complete(msgs, schema, seed)
+        reply = self._backend.complete(msgs, schema, seed, avoid)
         reply.text = self._scrub().text(reply.text)
         self._prompt_tokens += reply.prompt_tokens
         self._completion_tokens += reply.completion_tokens
@@ -874,5 +980,6 @@ class LLM:
                 "prompt_tokens": reply.prompt_tokens if reply else 0,
                 "completion_tokens": reply.completion_tokens if reply else 0,
                 "cached": cached,
+                "alternatives": reply.alternatives if reply else 0,
             }
         )

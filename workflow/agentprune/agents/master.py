@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agentprune.agents.base import Answer, LLMAgent, compact
+from agentprune.agents.llm import Avoid
 from agentprune.agents.schemas import Allocation, MasterDecision, Recovery, Strategy
 
 
@@ -89,14 +90,25 @@ class MasterAgent(LLMAgent):
             "base_val_top1": state["base_val_top1"],
         }
 
-    def payload(self, state: dict[str, Any]) -> dict[str, Any]:
-        """What changes from call to call: the bounds (relaxed when out of reach), the history
-        of trials and the trials left."""
-        return {
-            "bounds": state["bounds"],
-            "history": [_history_entry(t) for t in state["history"]],
-            "trials_left": state["trials_left"],
-        }
+    def turns(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """What changes from call to call, as a conversation that only grows: the first turn
+        gives the bounds and the trial budget, then one turn per trial run with what it
+        measured, the bounds when they were relaxed after it, and the trials left.
+
+        Call ``k + 1``'s turns are call ``k``'s plus one, so the backend evaluates each trial's
+        turn once per plan instead of the whole history at every call.
+        """
+        history = state["history"]
+        budget = state["trials_left"] + len(history)
+        bounds_at = [t["bounds"] for t in history] + [state["bounds"]]
+        turns = [{"bounds": bounds_at[0], "trials_left": budget}]
+        for k, trial in enumerate(history, start=1):
+            turn = _history_entry(trial)
+            if bounds_at[k] != trial["bounds"]:
+                turn["bounds_relaxed_to"] = bounds_at[k]
+            turn["trials_left"] = budget - k
+            turns.append(turn)
+        return turns
 
     @staticmethod
     def limits(state: dict[str, Any]) -> dict[str, Any]:
@@ -112,16 +124,23 @@ class MasterAgent(LLMAgent):
     def run(
         self, llm, state: dict[str, Any], effective: Effective, seed: int, anchored: bool
     ) -> Answer:
-        """The next decision. A trial that was already run (same effective settings) is re-asked
-        once with that feedback; a second repeat is answered by the default policy (reason
-        ``repeat``)."""
-        payload = self.payload(state)
+        """The next decision. A backend that can steer its decoding returns the model's most
+        likely trial not run yet (:class:`Avoid`); a trial that was already run (same effective
+        settings) is then re-asked once with that feedback, and a second repeat is answered by
+        the default policy (reason ``repeat``)."""
+        payload = self.turns(state)
 
         def default() -> MasterDecision:
             return self.heuristic(state, effective)
 
+        tried = [t["effective"] for t in state["history"]]
+        avoid = None
+        if tried:
+            avoid = Avoid(tried, lambda decision: self._repeats(decision, state, effective))
         limits, context = self.limits(state), self.context(state)
-        answer = self.ask(llm, payload, default, seed, anchored, limits=limits, context=context)
+        answer = self.ask(
+            llm, payload, default, seed, anchored, limits=limits, context=context, avoid=avoid
+        )
         if not answer.from_llm or not self._repeats(answer.decision, state, effective):
             return answer
         feedback = [
@@ -147,7 +166,9 @@ class MasterAgent(LLMAgent):
 
 
 def _history_entry(trial: dict[str, Any]) -> dict[str, Any]:
-    """One trial as the master sees it: what was run and what it measured."""
+    """One trial as the master sees it: what was run, what it measured and the evaluation
+    agent's assessment (the loss and parameter count add nothing the accuracy and the achieved
+    MACs fraction do not say, and cost prompt tokens)."""
     entry = {
         "trial": trial["trial"],
         "strategy": trial["strategy"],
@@ -155,11 +176,7 @@ def _history_entry(trial: dict[str, Any]) -> dict[str, Any]:
     }
     if "val_top1" in trial:
         entry.update(
-            achieved=trial["achieved"],
-            val_top1=trial["val_top1"],
-            val_loss=trial["val_loss"],
-            params=trial["params"],
-            **trial.get("assessment", {}),
+            achieved=trial["achieved"], val_top1=trial["val_top1"], **trial.get("assessment", {})
         )
     else:
         # The pruner's advice after ";" is for the user, not for the search.

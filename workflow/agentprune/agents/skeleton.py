@@ -16,6 +16,12 @@ construction (numeric ranges are still checked by validation). It is a greedy ch
 option's canonical tokenisation and compact JSON; a grammar also admits other tokenisations and
 whitespace, so the two decoders can reply differently to the same prompt.
 
+A caller may reject a reply (the master rejects a plan it has already measured). The decoder
+then tries the replies one choice away from it, the choice whose runner-up came closest first,
+and returns the first one the caller accepts, or the first reply when none is. An alternative
+replays the picks before its switched choice without evaluating them and re-evaluates only the
+text the model no longer holds.
+
 Supported schemas: objects (every property emitted, in schema order), enums and consts of any
 JSON type, booleans, nullable values (``anyOf`` with ``null``), strings (free text of at most
 ``maxLength`` characters, without quotes, backslashes or control characters) and arrays of those
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +112,29 @@ def _vocab(llama: Any) -> _Vocab:
     return vocab
 
 
+@dataclass
+class _Pick:
+    """One choice of a reply: the model state it was made in and what it could have been."""
+
+    n_tokens: int
+    """Tokens the model held evaluated when the choice was made (its logits are theirs)."""
+    allowed: np.ndarray
+    logits: np.ndarray
+    """The allowed tokens' logits."""
+    token: int
+
+
+@dataclass
+class _Switch:
+    """Replay a reply's first ``at`` picks, then take ``token`` instead of pick ``at``."""
+
+    picks: list[_Pick]
+    at: int
+    token: int
+    held: list[int]
+    """The tokens that reply had the model evaluate (past the decode's starting state)."""
+
+
 class SkeletonDecoder:
     """Decodes one reply of a schema after a prompt (see the module docstring).
 
@@ -125,9 +155,28 @@ class SkeletonDecoder:
         self.pieces: list[str] = []
         self.reply_tokens = 0
         self._defs: dict[str, Any] = {}
+        self.picks: list[_Pick] = []
+        self._switch: _Switch | None = None
+        self.alternatives_tried = 0
+        self._start = 0
+        self._held: list[int] = []
+        """The tokens the model holds evaluated past ``_start`` (which walk put them there)."""
 
-    def decode(self, prompt: list[int], schema: dict[str, Any]) -> str:
+    def decode(
+        self,
+        prompt: list[int],
+        schema: dict[str, Any],
+        accept: Callable[[str], bool] | None = None,
+        alternatives: int = 0,
+    ) -> str:
         """The reply's text; ``prompt`` are the prompt tokens not yet evaluated.
+
+        With ``accept``, a reply it rejects (a trial already run, say) is replaced by the model's
+        most likely reply that differs from it in one choice: each choice's runner-up (the most
+        likely other allowed token there), in order of how close it came to the chosen one, the
+        reply continued greedily after it; the first of at most ``alternatives`` such replies
+        that ``accept`` takes. Only the tokens after the changed choice are evaluated again.
+        When none is accepted, the first reply is returned.
 
         Raises:
             ReplyCut: the budget ran out (``partial`` holds the text so far).
@@ -138,9 +187,29 @@ class SkeletonDecoder:
                 f"prompt of {self.llama.n_tokens + len(prompt)} tokens plus max_tokens="
                 f"{self.max_tokens} exceeds the context of {self.llama.n_ctx()} tokens"
             )
-        self.pending = list(prompt)
         self._defs = schema.get("$defs", {})
+        self._start, self._held = self.llama.n_tokens, []
+        first = self._walk(prompt, schema, None)
+        if accept is None or accept(first):
+            return first
+        picks, held = self.picks, list(self._held)
+        for at, token in _runners_up(picks)[: max(0, alternatives)]:
+            self.alternatives_tried += 1
+            try:
+                text = self._walk(prompt, schema, _Switch(picks, at, token, held))
+            except ReplyCut:
+                continue
+            if accept(text):
+                return text
+        return first
+
+    def _walk(self, prompt: list[int], schema: dict[str, Any], switch: _Switch | None) -> str:
+        """One pass over the schema from the prompt (replaying ``switch``'s picks first)."""
+        self.pending = list(prompt)
+        self.pieces = []
         self.reply_tokens = 0
+        self.picks = []
+        self._switch = switch
         self._value(schema, "")
         return self.text
 
@@ -283,17 +352,63 @@ class SkeletonDecoder:
 
     def _pick(self, allowed: np.ndarray) -> int:
         """Evaluates the queue and picks one of the ``allowed`` token ids."""
+        switch, index = self._switch, len(self.picks)
+        if switch is not None and index <= switch.at:
+            # Replaying: the model already holds this state; only the changed choice is new.
+            pick = switch.picks[index]
+            self.pending = []
+            if index < switch.at:
+                self.picks.append(pick)
+                return pick.token
+            self._rewind(switch.held[: pick.n_tokens - self._start])
+            self.picks.append(_Pick(pick.n_tokens, pick.allowed, pick.logits, switch.token))
+            return switch.token
         if self.pending:
-            self.llama.eval(self.pending)
+            self._eval(self.pending)
             self.pending = []
         logits = np.ctypeslib.as_array(
             self.llama._ctx.get_logits_ith(-1), shape=(self.llama.n_vocab(),)
-        )[allowed]
+        )[allowed].copy()
         if self.temperature <= 0:
-            return int(allowed[int(np.argmax(logits))])
-        z = logits.astype(np.float64) / self.temperature
-        p = np.exp(z - z.max())
-        return int(self.rng.choice(allowed, p=p / p.sum()))
+            token = int(allowed[int(np.argmax(logits))])
+        else:
+            z = logits.astype(np.float64) / self.temperature
+            p = np.exp(z - z.max())
+            token = int(self.rng.choice(allowed, p=p / p.sum()))
+        self.picks.append(_Pick(self.llama.n_tokens, allowed, logits, token))
+        return token
+
+    def _eval(self, tokens: list[int]) -> None:
+        """Evaluates ``tokens`` after what the model holds up to its ``n_tokens``."""
+        self._held = self._held[: self.llama.n_tokens - self._start] + list(tokens)
+        self.llama.eval(tokens)
+
+    def _rewind(self, needed: list[int]) -> None:
+        """Leaves the model holding exactly ``needed`` past the decode's start: what it holds
+        in common with them is kept, the rest evaluated (another alternative may have
+        replaced part of the first reply's tokens)."""
+        common = 0
+        for a, b in zip(self._held, needed):
+            if a != b:
+                break
+            common += 1
+        self.llama.n_tokens = self._start + common  # the next eval drops what lies past it
+        if common < len(needed):
+            self._eval(needed[common:])
+
+
+def _runners_up(picks: list[_Pick]) -> list[tuple[int, int]]:
+    """``(pick index, token)``: every pick's most likely other allowed token, the closest to
+    the chosen one's logit first (ties: the earlier pick)."""
+    options = []
+    for index, pick in enumerate(picks):
+        others = pick.allowed != pick.token
+        if not others.any():
+            continue
+        best = int(np.argmax(np.where(others, pick.logits, -np.inf)))
+        chosen = float(pick.logits[pick.allowed == pick.token][0])
+        options.append((chosen - float(pick.logits[best]), index, int(pick.allowed[best])))
+    return [(index, token) for _, index, token in sorted(options)]
 
 
 def _is_simple(node: dict[str, Any]) -> bool:
