@@ -33,7 +33,7 @@ rule plan:
 use rule plan as plan_trials with:
     wildcard_constraints:
         method="|".join(trial_methods()),
-    # The longest jobs of a study (an LLM plan takes a median 18 s per run on 2 laptop cores):
+    # The longest jobs of a study (an LLM plan takes a median 7.5 s per run on 2 laptop cores):
     # started first, they overlap with everything else instead of running alone at the end.
     priority: 10
     # The local LLM backend (llama-cpp-python + the bundled SmolLM2) on top of the torch stack.
