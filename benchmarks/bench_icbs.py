@@ -190,6 +190,15 @@ def reference_masks(config: dict, base, splits, batches, sparsity: float, seed: 
     return out
 
 
+def old_default_settings(new_settings: dict) -> dict:
+    """The default's iCBS settings at ``OLD_COMMIT`` as today's code takes them.
+
+    ``ICBSConfig`` needs every key (in a study the schema fills them); the keys the old default
+    did not set stay at today's values, and the old-code row checks that the masks agree.
+    """
+    return {**new_settings, **OLD_SETTINGS, **OLD_BEHAVIOUR}
+
+
 def run_new_code(base, splits, batches, sparsity: float, seed: int, settings: dict) -> dict:
     """Today's iCBS in this process."""
     from agentprune.pruning.icbs import pruner
@@ -278,7 +287,7 @@ def main() -> None:
 
     config = resolve.load_config(ROOT / "config" / "config.yaml")
     new_settings = resolve.method_settings(config, "icbs")
-    old_settings = {**OLD_SETTINGS, **OLD_BEHAVIOUR}
+    old_settings = old_default_settings(new_settings)
     batch = resolve.prune_step(config).calibration_batch_size
     args.workdir.mkdir(parents=True, exist_ok=True)
     stems = ensure_base_models(args.workdir, args.models)
