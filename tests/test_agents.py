@@ -407,12 +407,58 @@ def test_a_target_reached_only_past_a_bound_is_out_of_reach(vit_factory, example
         )
 
 
-def test_bounds_that_leave_the_target_out_of_reach_are_relaxed_step_by_step(smoke) -> None:
-    tight = {
-        "match": "digits/vit",
-        "max_ratio": {k: 0.05 for k in ("attention", "mlp", "residual")},
-    }
-    doc = plan(smoke, {"bounds": [tight]}, "tight", method="agents_heuristic")
+TIGHT = {"match": "digits/vit", "max_ratio": {k: 0.05 for k in ("attention", "mlp", "residual")}}
+
+
+def test_bounds_that_cannot_reach_the_target_are_relaxed_before_trial_1(smoke) -> None:
+    """Bounds under which even every kind cut to its bound misses the target are relaxed before
+    any trial, so neither loop spends a trial (nor the LLM a decision) on finding it out (seen on
+    convnext 0.5: every kind at its bound removes 0.486 of the MACs, and trial 1 always failed)."""
+    # A heads bound below one head: no kind can make up for the others.
+    tight = {"match": TIGHT["match"], "max_ratio": {**TIGHT["max_ratio"], "heads": 0.05}}
+    doc = plan(smoke, {"bounds": [tight]}, "tight_checked", method="agents_heuristic")
+    trials = doc["provenance"]["trials"]
+    assert not any(t.get("out_of_reach") for t in trials)
+    assert trials[0]["bounds"]["mlp"] > 0.05 and "val_top1" in trials[0]
+    relaxations = doc["provenance"]["relaxations"]
+    assert relaxations and all(r["before_trial"] == 1 for r in relaxations)
+    reasons = [f["reason"] for f in doc["provenance"]["fallbacks"] if f["kind"] == "relaxed"]
+    assert reasons and all("checked before trial 1" in r for r in reasons)
+    assert "only 0." in reasons[0]
+    assert trials[0]["bounds"] == relaxations[-1]["bounds"]
+    assert abs(doc["expected"]["achieved"] - 0.3) <= 0.005
+    assert_in_bounds(doc)
+
+
+def test_the_check_before_trial_1_never_relaxes_bounds_that_reach_the_target(
+    vit_factory, example_inputs
+) -> None:
+    """The fewest MACs under the bounds is a floor no trial goes below: a trial that reaches the
+    target under the bounds proves the check would have let them stand."""
+    from agentprune.agents.pruning_agent import fewest_macs
+    from agentprune.pruning import structured
+
+    base = vit_factory()
+    base_macs = structured.count_macs(base, example_inputs)[0]
+    tight = fewest_macs(base, {"attention": 0.05, "mlp": 0.05, "residual": 0.05}, example_inputs, 0)
+    loose = fewest_macs(base, {"attention": 0.6, "mlp": 0.6, "residual": 0.6}, example_inputs, 0)
+    assert tight[1] == loose[1] == base_macs
+    assert 0.0 < 1 - tight[0] / base_macs < 0.3 < 1 - loose[0] / base_macs
+    settings = structured.PrunerSettings(max_pruning_ratio=0.6)
+    _, report = structured.prune_to_target(
+        base, settings, 0.3, example_inputs, [], 0,
+        tolerance=0.005, max_steps=30, gmacs_tolerance=0.005,
+    )  # fmt: skip
+    assert report["macs"] >= loose[0]
+
+
+def test_bounds_that_fail_a_trial_are_relaxed_step_by_step(smoke, monkeypatch) -> None:
+    """A trial that finds the target out of reach (the check before trial 1 cannot always tell)
+    relaxes the bounds one loosening level at a time."""
+    from agentprune.agents import coordinator
+
+    monkeypatch.setattr(coordinator, "fewest_macs", lambda *args: None)
+    doc = plan(smoke, {"bounds": [TIGHT]}, "tight", method="agents_heuristic")
     trials = doc["provenance"]["trials"]
     assert trials[0]["out_of_reach"] and trials[0]["bounds"]["mlp"] == 0.05
     reasons = [f["reason"] for f in doc["provenance"]["fallbacks"]]
@@ -420,6 +466,7 @@ def test_bounds_that_leave_the_target_out_of_reach_are_relaxed_step_by_step(smok
     assert doc["agents"]["bounds_level"].startswith("the config ceiling")
     relaxations = doc["provenance"]["relaxations"]
     assert relaxations[-1]["level"].startswith("the config")
+    assert all(r["before_trial"] is None for r in relaxations)
     # Every relaxation loosens something: a level equal to the one before (no protection to drop)
     # is skipped instead of spending a trial on the same bounds.
     steps = [trials[0]["bounds"]] + [r["bounds"] for r in relaxations]

@@ -9,6 +9,9 @@ validation accuracy and puts it into the history the master reads next. Every de
 recorded with its source (the LLM's own, the LLM's equal to the default policy's, or the default
 policy's and why) next to what the default policy would have decided in the same state.
 
+Bounds that cannot reach the target even with every kind cut to its bound are relaxed before
+trial 1 (recorded like any relaxation), so neither loop spends a trial learning that.
+
 The plan it returns is the best trial by proxy (validation) accuracy; every trial, decision,
 exchange, fallback and clamp is recorded in the plan's provenance.
 """
@@ -28,9 +31,10 @@ from agentprune.agents.influence import influence, llm_failures
 from agentprune.agents.llm import LLM
 from agentprune.agents.master import MasterAgent, isomorphic_strategy
 from agentprune.agents.profiling_agent import ProfilingAgent
-from agentprune.agents.pruning_agent import PruningAgent
+from agentprune.agents.pruning_agent import PruningAgent, fewest_macs
 from agentprune.agents.schemas import MasterDecision, Recovery, Strategy
 from agentprune.agents.settings import AgentsSettings
+from agentprune.pruning import structured
 from agentprune.pruning.settings import PruningError, TargetOutOfReach
 
 
@@ -226,6 +230,7 @@ class Coordinator:
             ladder=BoundsLadder.of(bounds),
         )
         self.log(f"profiling: protect {ctx.protect}; bounds {ctx.caps}")
+        self._reachable_bounds(ctx)
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         stop_reason = "max_iterations"
@@ -394,15 +399,43 @@ class Coordinator:
             return None
         raise PruningError(f"multi_agent: no trial reached the target ({trial['error']})")
 
-    def _relax(self, ctx: TrialContext) -> bool:
+    def _reachable_bounds(self, ctx: TrialContext) -> None:
+        """Before trial 1, relax the bounds while they cannot reach the target even with every
+        kind cut to its bound, so that no trial (and no LLM decision) is spent finding it out."""
+        if self.search.get("mode", "macs_targeted") != "macs_targeted":
+            return  # a published ratio is pruned once, wherever it lands
+        ws = ctx.workspace
+        while True:
+            found = fewest_macs(ws.base, ctx.caps, ws.example_inputs, ctx.seed)
+            if found is None:
+                return
+            macs, base_macs = found
+            window = structured.Window.of(
+                ctx.target,
+                self.search["tolerance"],
+                base_macs,
+                self.search.get("target_gmacs"),
+                self.search["gmacs_tolerance"],
+            )
+            most = 1 - macs / base_macs
+            if most >= window.target - window.tolerance:
+                return
+            why = f"even every kind at its bound removes only {most:.3f} of the MACs"
+            if not self._relax(ctx, why, before_trial=1):
+                return
+
+    def _relax(self, ctx: TrialContext, why: str = "", before_trial: int | None = None) -> bool:
         """One step down the bounds ladder, recorded; False when there is none left."""
         if not ctx.relax():
             return False
         reason = (
-            f"target {ctx.target} out of reach under the bounds; relaxed to "
-            f"{ctx.ladder.label}: {ctx.caps}"
+            f"target {ctx.target} out of reach under the bounds"
+            + (f" ({why}, checked before trial {before_trial})" if before_trial else "")
+            + f"; relaxed to {ctx.ladder.label}: {ctx.caps}"
         )
-        ctx.relaxations.append({"level": ctx.ladder.label, "bounds": ctx.caps})
+        ctx.relaxations.append(
+            {"level": ctx.ladder.label, "bounds": ctx.caps, "before_trial": before_trial}
+        )
         self.fallbacks.append({"agent": "coordinator", "kind": "relaxed", "reason": reason})
         self.log(f"bounds relaxed to {ctx.ladder.label}: {ctx.caps}")
         return True
