@@ -28,11 +28,14 @@ def ensure_debian_packages(packages: dict[str, str]) -> str | None:
     if shutil.which("apt-get") is None:
         return f"{', '.join(missing)} not installed and apt-get is not available"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    # Under pytest -n 2 the Slurm and browser tests can install at the same moment: wait for the
+    # other's dpkg lock instead of failing (and skipping) at once.
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=900"]
+    install = [*apt, "install", "-y", "-q", "--no-install-recommends", *missing]
     result = subprocess.run(install, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         # A stale package index is the usual cause on a fresh machine.
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        subprocess.run([*apt, "update", "-q"], env=env, capture_output=True)
         result = subprocess.run(install, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
