@@ -443,6 +443,7 @@ def test_the_check_before_trial_1_never_relaxes_bounds_that_reach_the_target(
     tight = fewest_macs(base, {"attention": 0.05, "mlp": 0.05, "residual": 0.05}, example_inputs, 0)
     loose = fewest_macs(base, {"attention": 0.6, "mlp": 0.6, "residual": 0.6}, example_inputs, 0)
     assert tight[1] == loose[1] == base_macs
+    assert fewest_macs(base, {}, example_inputs, 0) == (base_macs, base_macs)  # nothing to cut
     assert 0.0 < 1 - tight[0] / base_macs < 0.3 < 1 - loose[0] / base_macs
     settings = structured.PrunerSettings(max_pruning_ratio=0.6)
     _, report = structured.prune_to_target(

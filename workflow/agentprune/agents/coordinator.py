@@ -420,21 +420,23 @@ class Coordinator:
             most = 1 - macs / base_macs
             if most >= window.target - window.tolerance:
                 return
-            why = f"even every kind at its bound removes only {most:.3f} of the MACs"
-            if not self._relax(ctx, why, before_trial=1):
+            if not self._relax(ctx, f"even every kind at its bound removes only {most:.3f}"):
                 return
 
-    def _relax(self, ctx: TrialContext, why: str = "", before_trial: int | None = None) -> bool:
-        """One step down the bounds ladder, recorded; False when there is none left."""
+    def _relax(self, ctx: TrialContext, checked: str | None = None) -> bool:
+        """One step down the bounds ladder, recorded; False when there is none left.
+
+        ``checked`` is what the check before trial 1 found, when it is the one relaxing (else a
+        failed trial is)."""
         if not ctx.relax():
             return False
+        found = f" ({checked} of the MACs, checked before trial 1)" if checked else ""
         reason = (
-            f"target {ctx.target} out of reach under the bounds"
-            + (f" ({why}, checked before trial {before_trial})" if before_trial else "")
-            + f"; relaxed to {ctx.ladder.label}: {ctx.caps}"
+            f"target {ctx.target} out of reach under the bounds{found}; relaxed to "
+            f"{ctx.ladder.label}: {ctx.caps}"
         )
         ctx.relaxations.append(
-            {"level": ctx.ladder.label, "bounds": ctx.caps, "before_trial": before_trial}
+            {"level": ctx.ladder.label, "bounds": ctx.caps, "before_trial": 1 if checked else None}
         )
         self.fallbacks.append({"agent": "coordinator", "kind": "relaxed", "reason": reason})
         self.log(f"bounds relaxed to {ctx.ladder.label}: {ctx.caps}")

@@ -58,6 +58,10 @@ def fewest_macs(
     """
     limits = {k: min(1.0, c + (0.0 if k == "heads" else _slack(base, k))) for k, c in caps.items()}
     ceiling = max(limits.values(), default=0.0)
+    base = copy.deepcopy(base).eval()
+    base_macs = structured.count_macs(base, example_inputs)[0]
+    if ceiling <= 0.0:
+        return base_macs, base_macs
     channel_kinds = [k for k in limits if k != "heads"]
     settings = PrunerSettings.from_dict(
         {
@@ -74,10 +78,6 @@ def fewest_macs(
             "calibration_batches": 1,
         }
     )
-    base = copy.deepcopy(base).eval()
-    base_macs = structured.count_macs(base, example_inputs)[0]
-    if ceiling <= 0.0:
-        return base_macs, base_macs
     importance = structured.CachedImportance(settings.importance, seed)
     try:
         pruned = structured.prune_at(base, settings, ceiling, importance, example_inputs)
